@@ -1,0 +1,22 @@
+"""minigpt: the small PyTorch package behind *Loss Functions, Measured*.
+
+Modules: ``config`` (scale, seeds, device, threads), ``data`` (tiny Shakespeare, scikit-learn sets),
+``model`` (the GPT), ``train`` (the shared training loop), ``bench`` (throughput benchmark).
+"""
+
+from . import config
+from .config import base_seed, configure_threads, device, scale, seed_everything, seeds
+from .data import CharTokenizer, load_breast_cancer, load_diabetes, load_digits, load_shakespeare
+from .model import GPT, GPTConfig
+from .train import TrainConfig, TrainingDiverged, TrainResult, evaluate, load_model, lr_at, train
+
+__version__ = "0.1.0"
+
+configure_threads()
+
+__all__ = [
+    "config", "base_seed", "configure_threads", "device", "scale", "seed_everything", "seeds",
+    "CharTokenizer", "load_breast_cancer", "load_diabetes", "load_digits", "load_shakespeare",
+    "GPT", "GPTConfig", "TrainConfig", "TrainingDiverged", "TrainResult", "evaluate", "load_model",
+    "lr_at", "train",
+]

@@ -1,0 +1,161 @@
+"""Throughput and quality benchmark on nanoGPT's CPU configuration for character-level Shakespeare.
+
+    python -m minigpt.bench --threads 1 2 --out bench/results/bench.json
+
+For each thread count, in a fresh process: trains the small GPT (4 layers, 4 heads, 128 wide, block 64,
+batch 12) for 2000 updates with :func:`minigpt.train.train` and nanoGPT's hyperparameters, and records
+
+- the median steady-state milliseconds per update (updates 51 onward; evaluation time excluded) and the
+  interquartile range, as a measure of noise; tokens per second from the median;
+- the validation loss every 250 updates, estimated as nanoGPT does (20 batches of 12 x 64 tokens), and
+  at the end over the whole validation split (every token, non-overlapping 64-token windows);
+- a *bare loop* reference measured before and after the run: forward, backward, clip, AdamW step on the
+  same model with nothing else (no checks, history or evaluation), nanoGPT's own loop structure. Run next to
+  the trainer on the same machine at the same time, it separates the trainer's overhead from how fast
+  the machine happens to be (a shared 2-core VM varies by 10-20% from minute to minute).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+
+def _quantiles(values: list[float]) -> dict:
+    q = statistics.quantiles(values, n=4)
+    return {"median": statistics.median(values), "q1": q[0], "q3": q[2]}
+
+
+def bare_loop_ms(model, get_batch, iters: int, warmup: int = 20, seed: int = 12345) -> dict:
+    """Milliseconds per update of a minimal loop (nanoGPT's: forward, mean cross-entropy, backward, clip,
+    AdamW step), on a copy of the optimizer state so that ``model``'s weights come out unchanged."""
+    import copy
+
+    model = copy.deepcopy(model)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.99))  # nanoGPT's CPU default
+    gen = torch.Generator().manual_seed(seed)
+    times = []
+    for i in range(warmup + iters):
+        t0 = time.perf_counter()
+        x, y = get_batch("train", gen)
+        logits, _ = model(x)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss.item()
+        if i >= warmup:
+            times.append(1000 * (time.perf_counter() - t0))
+    return _quantiles(times)
+
+
+@torch.no_grad()
+def full_val_loss(model, tokens: torch.Tensor, block_size: int, batch: int = 256) -> float:
+    """Token-mean cross-entropy over a whole split, in non-overlapping windows of ``block_size``."""
+    model.eval()
+    n = (len(tokens) - 1) // block_size
+    x_all = tokens[: n * block_size].view(n, block_size)
+    y_all = tokens[1 : n * block_size + 1].view(n, block_size)
+    total = 0.0
+    for i in range(0, n, batch):
+        _, loss_sum = model(x_all[i : i + batch], y_all[i : i + batch], reduction="sum")
+        total += float(loss_sum)
+    model.train()
+    return total / (n * block_size)
+
+
+def run_one(threads: int, iters: int, seed: int, bare_iters: int) -> dict:
+    """One benchmark in this process with ``threads`` torch threads."""
+    torch.set_num_threads(threads)
+    from .data import load_shakespeare
+    from .model import GPT, GPTConfig
+    from .train import TrainConfig, train
+
+    corpus = load_shakespeare()
+    model_cfg = GPTConfig(vocab_size=corpus.vocab_size)
+    train_cfg = TrainConfig(max_iters=iters, lr_decay_iters=iters, eval_interval=250, eval_iters=20,
+                            seed=seed, progress=False)
+    get_batch = corpus.batch_fn(batch_size=12, block_size=model_cfg.block_size)
+    torch.manual_seed(seed)
+    model = GPT(model_cfg)
+
+    bare_before = bare_loop_ms(model, get_batch, bare_iters)
+    result = train(model, get_batch, train_cfg)
+    bare_after = bare_loop_ms(model, get_batch, bare_iters)
+
+    steady = [1000 * s for s in result.history.seconds[50:]]
+    ms = _quantiles(steady)
+    tokens_per_update = 12 * model_cfg.block_size
+    return {
+        "threads": threads,
+        "seed": seed,
+        "iters": iters,
+        "parameters": model.num_parameters(),
+        "ms_per_iter": ms,
+        "tokens_per_s": tokens_per_update / (ms["median"] / 1000),
+        "bare_loop_ms_per_iter_before": bare_before,
+        "bare_loop_ms_per_iter_after": bare_after,
+        "val_loss_every_250": dict(zip(result.history.eval_step, result.history.val_loss)),
+        "train_loss_every_250": dict(zip(result.history.eval_step, result.history.train_loss)),
+        "final_val_loss_20_batches": result.history.val_loss[-1],
+        "final_val_loss_full_split": full_val_loss(model, corpus.val, model_cfg.block_size),
+        "train_seconds": result.seconds,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--iters", type=int, default=2000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--bare-iters", type=int, default=200)
+    parser.add_argument("--out", type=Path, default=Path("bench/results/bench.json"))
+    parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # internal: run in-process
+    args = parser.parse_args(argv)
+
+    if args.one:
+        print(json.dumps(run_one(args.threads[0], args.iters, args.seed, args.bare_iters)))
+        return
+
+    runs = []
+    for threads in args.threads:
+        # A fresh process per thread count: torch's thread pool is sized once per process.
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads), MINIGPT_THREADS=str(threads))
+        cmd = [sys.executable, "-m", "minigpt.bench", "--one", "--threads", str(threads),
+               "--iters", str(args.iters), "--seed", str(args.seed), "--bare-iters", str(args.bare_iters)]
+        out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
+        run = json.loads(out.strip().splitlines()[-1])
+        runs.append(run)
+        ms = run["ms_per_iter"]
+        print(f"threads={threads}: {ms['median']:.1f} ms/iter (IQR {ms['q1']:.1f}-{ms['q3']:.1f}), "
+              f"{run['tokens_per_s']:.0f} tokens/s; bare loop {run['bare_loop_ms_per_iter_before']['median']:.1f}"
+              f" / {run['bare_loop_ms_per_iter_after']['median']:.1f} ms before/after; "
+              f"val loss {run['final_val_loss_20_batches']:.4f} (20 batches), "
+              f"{run['final_val_loss_full_split']:.4f} (full split)", flush=True)
+
+    report = {
+        "config": "nanoGPT CPU: n_layer 4, n_head 4, n_embd 128, block 64, batch 12, lr 1e-3 -> 1e-4, "
+                  "warmup 100, beta2 0.99, weight decay 0.1, clip 1.0, dropout 0",
+        "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                    "cpus": os.cpu_count(), "torch": torch.__version__},
+        "runs": runs,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

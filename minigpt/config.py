@@ -1,0 +1,113 @@
+"""Run-time settings read from the environment: scale, seed, device and threads.
+
+Every chapter and test reads its knobs through these functions so that one environment variable changes
+the whole book:
+
+``MINIGPT_SCALE``  ``small`` (CPU, CI) or ``full`` (what a reader with a GPU gets). Default: ``full`` when
+                   CUDA is available, else ``small``.
+``MINIGPT_SEED``   base seed (an integer, default 0). Experiments over several seeds derive theirs from it,
+                   so a claim can be re-checked under another base seed.
+``MINIGPT_DEVICE`` force a device (``cpu``, ``cuda``, ``cuda:1``, ``mps``). Default: the best available.
+``MINIGPT_THREADS`` torch intra-op threads. Default: 1 inside a pytest-xdist worker (parallel notebooks
+                   on two cores oversubscribe badly with torch's default), else torch's own default.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import torch
+
+SCALES = ("small", "full")
+
+
+def _env(name: str) -> str | None:
+    value = os.environ.get(name)
+    return value.strip() if value is not None and value.strip() != "" else None
+
+
+def scale() -> str:
+    """The scale knob: ``"small"`` or ``"full"`` (from ``MINIGPT_SCALE``)."""
+    value = _env("MINIGPT_SCALE")
+    if value is None:
+        return "full" if torch.cuda.is_available() else "small"
+    value = value.lower()
+    if value not in SCALES:
+        raise ValueError(f"MINIGPT_SCALE must be one of {SCALES}, got {value!r}")
+    return value
+
+
+def base_seed() -> int:
+    """The base seed from ``MINIGPT_SEED`` (default 0)."""
+    value = _env("MINIGPT_SEED")
+    if value is None:
+        return 0
+    try:
+        seed = int(value)
+    except ValueError:
+        raise ValueError(f"MINIGPT_SEED must be an integer, got {value!r}") from None
+    if seed < 0:
+        raise ValueError(f"MINIGPT_SEED must be a non-negative integer, got {seed}")
+    return seed
+
+
+def seeds(n: int, base: int | None = None) -> list[int]:
+    """``n`` distinct seeds derived from the base seed: ``[base, base + 1, ..., base + n - 1]``."""
+    if n < 1:
+        raise ValueError(f"n must be at least 1, got {n}")
+    start = base_seed() if base is None else base
+    return [start + i for i in range(n)]
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed Python, NumPy and torch (CPU and CUDA); return a CPU ``torch.Generator`` seeded the same.
+
+    On the CPU this makes a run bit-reproducible: torch's CPU kernels are deterministic for a fixed
+    number of threads. (A different thread count may change the order of floating-point reductions.)
+    """
+    if not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+    return torch.Generator().manual_seed(seed)
+
+
+def device() -> torch.device:
+    """The device to run on: ``MINIGPT_DEVICE`` if set, else cuda, then mps, then cpu."""
+    value = _env("MINIGPT_DEVICE")
+    if value is not None:
+        dev = torch.device(value)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"MINIGPT_DEVICE={value!r} but CUDA is not available")
+        return dev
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def configure_threads() -> int:
+    """Set torch's intra-op thread count from the environment and return it.
+
+    ``MINIGPT_THREADS`` wins; otherwise one thread inside a pytest-xdist worker (and in the notebook
+    kernels it starts, which inherit its environment), because two processes with two threads each on a
+    two-core machine run several times slower than with one each.
+    """
+    value = _env("MINIGPT_THREADS")
+    if value is not None:
+        try:
+            threads = int(value)
+        except ValueError:
+            raise ValueError(f"MINIGPT_THREADS must be a positive integer, got {value!r}") from None
+        if threads < 1:
+            raise ValueError(f"MINIGPT_THREADS must be a positive integer, got {threads}")
+    elif _env("PYTEST_XDIST_WORKER") is not None:
+        threads = 1
+    else:
+        return torch.get_num_threads()
+    torch.set_num_threads(threads)
+    return threads

@@ -1,0 +1,207 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from minigpt.model import GPT
+from minigpt.train import (
+    TrainConfig, TrainingDiverged, configure_optimizer, load_checkpoint, load_model, lr_at, train,
+)
+
+FAST = dict(eval_interval=10, eval_iters=2, warmup_iters=5, progress=False)
+
+
+def _model(cfg, seed=0):
+    torch.manual_seed(seed)
+    return GPT(cfg)
+
+
+def test_same_seed_same_curves(corpus, tiny_config):
+    get_batch = corpus.batch_fn(4, tiny_config.block_size)
+    runs = [train(_model(tiny_config), get_batch, TrainConfig(max_iters=20, seed=5, **FAST)) for _ in range(2)]
+    a, b = (r.history for r in runs)
+    assert a.loss == b.loss and a.grad_norm == b.grad_norm and a.val_loss == b.val_loss  # bit-identical
+    other = train(_model(tiny_config), get_batch, TrainConfig(max_iters=20, seed=6, **FAST)).history
+    assert other.loss != a.loss
+
+
+def test_training_lowers_the_loss(corpus, tiny_config):
+    result = train(_model(tiny_config), corpus.batch_fn(8, 16), TrainConfig(max_iters=60, **FAST))
+    h = result.history
+    assert h.eval_step == [0, 10, 20, 30, 40, 50, 60]
+    assert h.val_loss[-1] < h.val_loss[0] - 0.5
+    assert result.steps_done == 60 and result.stop_reason == "max_iters"
+    assert result.tokens == 60 * 8 * 16
+
+
+def _capture_grads(store):
+    def hook(step, model):
+        store[step] = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+    return hook
+
+
+def _accumulation_run(tiny_config, batches, accum, lr=1e-3):
+    """One update on ``batches`` (a list of (x, y)), served ``accum`` micro-batches per update."""
+    served = iter(batches)
+    grads = {}
+    model = _model(tiny_config)
+    result = train(model, lambda split, gen: next(served),
+          TrainConfig(max_iters=1, grad_accum_steps=accum, eval_iters=0,
+                      warmup_iters=0, grad_clip=None, learning_rate=lr, min_lr=lr, progress=False),
+          grad_hook=_capture_grads(grads))
+    return grads[1], result.history.loss[0]
+
+
+def test_accumulation_equals_one_big_batch(corpus, tiny_config):
+    """k micro-batches give the gradient of one batch of k times the size, to float precision, also when
+    the micro-batches hold different numbers of target tokens (here: prompts masked with -100)."""
+    x, y = corpus.batch_fn(12, 16)("train", torch.Generator().manual_seed(0))
+    y = y.clone()
+    y[:4, :12] = -100  # the first micro-batch has far fewer target tokens than the others
+    y[4:8, :3] = -100
+    big_grad, big_loss = _accumulation_run(tiny_config, [(x, y)], accum=1)
+    chunks = list(zip(x.split(4), y.split(4)))
+    acc_grad, acc_loss = _accumulation_run(tiny_config, chunks, accum=3)
+    # Compare gradients, the thing accumulation must get right. (Weights after an AdamW step are no fair
+    # test at 1e-6: Adam's first update is g / (|g| + eps), which magnifies rounding where |g| ~ eps.)
+    for name in big_grad:
+        torch.testing.assert_close(acc_grad[name], big_grad[name], rtol=1e-6, atol=1e-7)
+    assert acc_loss == pytest.approx(big_loss, rel=1e-6)
+
+    # The common mistake, the mean of micro-batch means, is measurably wrong on the same batches.
+    model = _model(tiny_config)
+    wrong = sum(model(cx, cy)[1] for cx, cy in chunks) / 3
+    wrong.backward()
+    worst = max((p.grad - big_grad[n]).abs().max() / big_grad[n].abs().max()
+                for n, p in model.named_parameters())
+    assert worst > 0.01
+
+
+def test_grad_norm_is_recorded_before_clipping(corpus, tiny_config):
+    grads = {}
+    result = train(_model(tiny_config), corpus.batch_fn(4, 16),
+                   TrainConfig(max_iters=3, grad_clip=1e-3, **FAST), grad_hook=_capture_grads(grads))
+    for step, g in grads.items():
+        # named_parameters lists the tied embedding/head matrix once, as the optimizer sees it
+        norm = torch.linalg.vector_norm(torch.stack([t.norm() for t in g.values()])).item()
+        assert math.isclose(result.history.grad_norm[step - 1], norm, rel_tol=1e-5)
+        assert norm > 1e-3  # so clipping fired
+    assert result.history.clip_fraction(1e-3) == 1.0
+
+
+@pytest.mark.parametrize("patience", [None, 100])
+def test_resume_equals_uninterrupted(corpus, tiny_config, tmp_path, patience):
+    """Stop after 20 updates, resume from the checkpoint in a fresh model, and get the very same numbers
+    as a run that never stopped (dropout on, so the RNG state must be restored too; with patience, the
+    best weights so far must travel in the checkpoint, since the run ends by restoring them)."""
+    tiny_config.dropout = 0.1
+    get_batch = corpus.batch_fn(4, 16)
+    path = str(tmp_path / "ckpt-{step}.pt")
+    cfg = TrainConfig(max_iters=40, checkpoint_path=path, checkpoint_interval=20, patience=patience, **FAST)
+    full_model = _model(tiny_config)
+    full = train(full_model, get_batch, cfg)
+
+    resumed_model = _model(tiny_config, seed=123)  # different initial weights: the checkpoint must win
+    resumed = train(resumed_model, get_batch, cfg, resume_from=path.format(step=20))
+    assert resumed.history.loss == full.history.loss
+    assert resumed.history.grad_norm == full.history.grad_norm
+    assert resumed.history.val_loss == full.history.val_loss
+    assert (resumed.best_val_loss, resumed.best_step) == (full.best_val_loss, full.best_step)
+    for p, q in zip(full_model.parameters(), resumed_model.parameters()):
+        assert torch.equal(p, q)
+
+    # checkpoints hold plain tensors and containers: they load with weights_only=True
+    ckpt = load_checkpoint(path.format(step=40))
+    assert ckpt["step"] == 40
+    if patience is not None:
+        return  # the runs ended on their best weights, not the step-40 ones the checkpoint holds
+    reloaded = load_model(path.format(step=40)).eval()
+    trained = full_model.eval()
+    x = torch.randint(65, (2, 16))
+    torch.testing.assert_close(reloaded(x)[0], trained(x)[0])
+
+
+def test_resume_rejects_another_model(corpus, tiny_config, tmp_path):
+    path = tmp_path / "ckpt.pt"
+    train(_model(tiny_config), corpus.batch_fn(4, 16), TrainConfig(max_iters=2, checkpoint_path=str(path), **FAST))
+    tiny_config.n_layer = 3
+    with pytest.raises(ValueError, match="resume_from"):
+        train(_model(tiny_config), corpus.batch_fn(4, 16), TrainConfig(max_iters=4, **FAST), resume_from=path)
+
+
+def _toy_batches(train_target=2.0, val_target=1.0, poison_at=None):
+    calls = {"train": 0}
+
+    def get_batch(split, gen):
+        if split == "train":
+            calls["train"] += 1
+            if poison_at is not None and calls["train"] == poison_at:
+                return torch.ones(4), torch.full((4,), float("inf"))
+            return torch.ones(4), torch.full((4,), train_target)
+        return torch.ones(4), torch.full((4,), val_target)
+
+    return get_batch
+
+
+def test_early_stopping_restores_best_weights(toy_model):
+    snapshots = {}
+    cfg = TrainConfig(max_iters=200, learning_rate=0.05, min_lr=0.05, warmup_iters=0, weight_decay=0.0,
+                      eval_interval=1, eval_iters=1, patience=3, grad_clip=None, progress=False)
+    result = train(toy_model, _toy_batches(),
+                   cfg, grad_hook=lambda step, m: snapshots.__setitem__(step - 1, m.w.item()))
+    assert result.stop_reason == "early_stopping"
+    assert result.steps_done == result.best_step + 3 < 200
+    val = result.history.val_loss
+    assert min(val) == result.best_val_loss and val[-1] > result.best_val_loss
+    assert toy_model.w.item() == snapshots[result.best_step]  # the best weights, not the last
+    assert abs(toy_model.w.item() - 1.0) < 0.05  # validation optimum is w = 1
+
+
+def test_divergence_names_the_step(toy_model):
+    cfg = TrainConfig(max_iters=50, eval_iters=0, progress=False)
+    with pytest.raises(TrainingDiverged, match="update 7") as info:
+        train(toy_model, _toy_batches(poison_at=7), cfg)
+    assert info.value.step == 7 and len(info.value.history.loss) == 6
+    assert math.isfinite(toy_model.w.item())  # the bad update was not applied
+
+    cfg.on_nonfinite = "stop"
+    result = train(toy_model, _toy_batches(poison_at=4), cfg)
+    assert result.stop_reason == "non-finite at update 4" and result.steps_done == 3
+
+
+def test_lr_schedule():
+    cfg = TrainConfig(max_iters=2000, learning_rate=1e-3, min_lr=1e-4, warmup_iters=100)
+    lrs = [lr_at(i, cfg) for i in range(2100)]
+    assert lrs[0] == pytest.approx(1e-3 / 101)
+    assert max(lrs) == pytest.approx(1e-3, rel=1e-4) and lrs.index(max(lrs)) == 100
+    assert all(a >= b for a, b in zip(lrs[100:2000], lrs[101:2001]))  # never rises after warmup
+    assert lrs[1050] == pytest.approx(5.5e-4)  # halfway down the cosine
+    assert lrs[2000] == lrs[2099] == 1e-4
+
+
+def test_optimizer_groups(tiny_config):
+    model = _model(tiny_config)
+    opt = configure_optimizer(model, TrainConfig(weight_decay=0.1))
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    (dict(max_iters=0), "max_iters"), (dict(grad_accum_steps=0), "grad_accum_steps"),
+    (dict(learning_rate=-1.0), "learning_rate"), (dict(grad_clip=-1.0), "grad_clip"),
+    (dict(patience=0), "patience"), (dict(on_nonfinite="ignore"), "on_nonfinite"),
+    (dict(warmup_iters=100, lr_decay_iters=50), "lr_decay_iters"), (dict(eval_iters=-1), "eval_iters"),
+    (dict(eval_iters=0, patience=3), "patience"),
+])
+def test_config_validation(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        TrainConfig(**kwargs)
+
+
+def test_fully_masked_update_is_an_error(tiny_config):
+    masked = lambda split, gen: (torch.zeros(2, 4, dtype=torch.long), torch.full((2, 4), -100))  # noqa: E731
+    with pytest.raises(ValueError, match="ignored"):
+        train(_model(tiny_config), masked, TrainConfig(max_iters=1, **FAST))
