@@ -1,6 +1,6 @@
 """Throughput and quality benchmark on nanoGPT's CPU configuration for character-level Shakespeare.
 
-    python -m minigpt.bench --threads 1 2 --out bench/results/bench.json
+    python -m minigpt.bench --threads 1 2 --seeds 4 --out bench/results/bench.json
 
 For each thread count, in a fresh process: trains the small GPT (4 layers, 4 heads, 128 wide, block 64,
 batch 12) for 2000 updates with :func:`minigpt.train.train` and nanoGPT's hyperparameters, and records
@@ -9,6 +9,8 @@ batch 12) for 2000 updates with :func:`minigpt.train.train` and nanoGPT's hyperp
   interquartile range, as a measure of noise; tokens per second from the median;
 - the validation loss every 250 updates, estimated as nanoGPT does (20 batches of 12 x 64 tokens), and
   at the end over the whole validation split (every token, non-overlapping 64-token windows);
+- with ``--seeds N``, the same training for N seeds, and the mean and 95% t-interval of the final
+  validation loss (one seed is one sample of a noisy quantity: compare distributions, not draws);
 - a *bare loop* reference measured before and after the run: forward, backward, clip, AdamW step on the
   same model with nothing else (no checks, history or evaluation), nanoGPT's own loop structure. Run next to
   the trainer on the same machine at the same time, it separates the trainer's overhead from how fast
@@ -85,15 +87,15 @@ def run_one(threads: int, iters: int, seed: int, bare_iters: int) -> dict:
 
     corpus = load_shakespeare()
     model_cfg = GPTConfig(vocab_size=corpus.vocab_size)
-    train_cfg = TrainConfig(max_iters=iters, lr_decay_iters=iters, eval_interval=250, eval_iters=20,
+    train_cfg = TrainConfig(max_iters=iters, eval_interval=250, eval_iters=20,
                             seed=seed, progress=False)
     get_batch = corpus.batch_fn(batch_size=12, block_size=model_cfg.block_size)
     torch.manual_seed(seed)
     model = GPT(model_cfg)
 
-    bare_before = bare_loop_ms(model, get_batch, bare_iters)
+    bare_before = bare_loop_ms(model, get_batch, bare_iters) if bare_iters else None
     result = train(model, get_batch, train_cfg)
-    bare_after = bare_loop_ms(model, get_batch, bare_iters)
+    bare_after = bare_loop_ms(model, get_batch, bare_iters) if bare_iters else None
 
     steady = [1000 * s for s in result.history.seconds[50:]]
     ms = _quantiles(steady)
@@ -121,6 +123,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--iters", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--bare-iters", type=int, default=200)
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="train this many seeds (base seed onward) for the quality summary; seeds past "
+                             "the first run two at a time with one thread each")
     parser.add_argument("--out", type=Path, default=Path("bench/results/bench.json"))
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # internal: run in-process
     args = parser.parse_args(argv)
@@ -129,14 +134,22 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(run_one(args.threads[0], args.iters, args.seed, args.bare_iters)))
         return
 
-    runs = []
-    for threads in args.threads:
-        # A fresh process per thread count: torch's thread pool is sized once per process.
+    def launch(threads: int, seed: int, bare_iters: int) -> subprocess.Popen:
+        # A fresh process per run: torch's thread pool is sized once per process.
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), MINIGPT_THREADS=str(threads))
         cmd = [sys.executable, "-m", "minigpt.bench", "--one", "--threads", str(threads),
-               "--iters", str(args.iters), "--seed", str(args.seed), "--bare-iters", str(args.bare_iters)]
-        out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
-        run = json.loads(out.strip().splitlines()[-1])
+               "--iters", str(args.iters), "--seed", str(seed), "--bare-iters", str(bare_iters)]
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True)
+
+    def collect(proc: subprocess.Popen) -> dict:
+        out, _ = proc.communicate()
+        if proc.returncode != 0:
+            raise SystemExit(f"benchmark run failed (exit {proc.returncode}): {proc.args}")
+        return json.loads(out.strip().splitlines()[-1])
+
+    runs = []
+    for threads in args.threads:
+        run = collect(launch(threads, args.seed, args.bare_iters))
         runs.append(run)
         ms = run["ms_per_iter"]
         print(f"threads={threads}: {ms['median']:.1f} ms/iter (IQR {ms['q1']:.1f}-{ms['q3']:.1f}), "
@@ -145,12 +158,32 @@ def main(argv: list[str] | None = None) -> None:
               f"val loss {run['final_val_loss_20_batches']:.4f} (20 batches), "
               f"{run['final_val_loss_full_split']:.4f} (full split)", flush=True)
 
+    # Quality over seeds: the speed runs' seed plus args.seeds - 1 more, two processes at a time.
+    quality = {args.seed: runs[0]} if runs else {}
+    extra = [args.seed + i for i in range(1, args.seeds)]
+    for i in range(0, len(extra), 2):
+        for seed, proc in [(s, launch(1, s, 0)) for s in extra[i:i + 2]]:
+            quality[seed] = collect(proc)
+            print(f"seed={seed}: val loss {quality[seed]['final_val_loss_20_batches']:.4f} (20 batches), "
+                  f"{quality[seed]['final_val_loss_full_split']:.4f} (full split)", flush=True)
+    summary = {}
+    if len(quality) >= 2:
+        from .experiments import mean_ci
+
+        for key in ("final_val_loss_full_split", "final_val_loss_20_batches"):
+            ci = mean_ci([q[key] for q in quality.values()])
+            summary[key] = {"mean": ci.mean, "ci95_low": ci.low, "ci95_high": ci.high, "n": ci.n}
+            print(f"{key} over seeds {sorted(quality)}: {ci}")
+
     report = {
         "config": "nanoGPT CPU: n_layer 4, n_head 4, n_embd 128, block 64, batch 12, lr 1e-3 -> 1e-4, "
                   "warmup 100, beta2 0.99, weight decay 0.1, clip 1.0, dropout 0",
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
                     "cpus": os.cpu_count(), "torch": torch.__version__},
         "runs": runs,
+        "quality_runs": [{k: v for k, v in q.items() if k not in ("bare_loop_ms_per_iter_before",
+                          "bare_loop_ms_per_iter_after")} for q in quality.values()],
+        "quality_summary": summary,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))

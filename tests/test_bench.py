@@ -1,0 +1,31 @@
+import json
+
+import pytest
+
+from minigpt import bench
+from minigpt.experiments import mean_ci
+
+
+def test_bench_run_reports_what_it_promises():
+    run = bench.run_one(threads=1, iters=60, seed=0, bare_iters=3)
+    json.dumps(run)  # the report is plain JSON
+    assert run["parameters"] == 795_904
+    assert run["ms_per_iter"]["q1"] <= run["ms_per_iter"]["median"] <= run["ms_per_iter"]["q3"]
+    assert run["tokens_per_s"] == pytest.approx(12 * 64 / (run["ms_per_iter"]["median"] / 1000))
+    assert list(run["val_loss_every_250"]) == [0, 60]  # step 0, then the end
+    assert run["final_val_loss_full_split"] < run["val_loss_every_250"][0]
+    assert run["bare_loop_ms_per_iter_before"]["median"] > 0
+
+
+def test_mean_ci():
+    ci = mean_ci([1.0, 2.0, 3.0])
+    # mean 2, sample sd 1, t(0.975, df=2) = 4.3027
+    assert ci.mean == 2.0 and ci.n == 3
+    assert ci.half_width == pytest.approx(4.302653 / 3 ** 0.5, rel=1e-6)
+    assert mean_ci([5.0, 5.0]).half_width == 0.0
+    with pytest.raises(ValueError, match="at least 2"):
+        mean_ci([1.0])
+    with pytest.raises(ValueError, match="confidence"):
+        mean_ci([1.0, 2.0], confidence=1.5)
+    with pytest.raises(ValueError, match="finite"):
+        mean_ci([1.0, float("nan")])
