@@ -28,6 +28,20 @@ def _env(name: str) -> str | None:
     return value.strip() if value is not None and value.strip() != "" else None
 
 
+def _int_env(name: str, default: int | None, minimum: int) -> int | None:
+    """An integer environment variable, ``default`` when unset; a clear error names it otherwise."""
+    value = _env(name)
+    if value is None:
+        return default
+    try:
+        number = int(value)
+    except ValueError:
+        number = None
+    if number is None or number < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return number
+
+
 def scale() -> str:
     """The scale knob: ``"small"`` or ``"full"`` (from ``MINIGPT_SCALE``)."""
     value = _env("MINIGPT_SCALE")
@@ -41,16 +55,7 @@ def scale() -> str:
 
 def base_seed() -> int:
     """The base seed from ``MINIGPT_SEED`` (default 0)."""
-    value = _env("MINIGPT_SEED")
-    if value is None:
-        return 0
-    try:
-        seed = int(value)
-    except ValueError:
-        raise ValueError(f"MINIGPT_SEED must be an integer, got {value!r}") from None
-    if seed < 0:
-        raise ValueError(f"MINIGPT_SEED must be a non-negative integer, got {seed}")
-    return seed
+    return _int_env("MINIGPT_SEED", default=0, minimum=0)
 
 
 def seeds(n: int, base: int | None = None) -> list[int]:
@@ -97,17 +102,10 @@ def configure_threads() -> int:
     kernels it starts, which inherit its environment), because two processes with two threads each on a
     two-core machine run several times slower than with one each.
     """
-    value = _env("MINIGPT_THREADS")
-    if value is not None:
-        try:
-            threads = int(value)
-        except ValueError:
-            raise ValueError(f"MINIGPT_THREADS must be a positive integer, got {value!r}") from None
-        if threads < 1:
-            raise ValueError(f"MINIGPT_THREADS must be a positive integer, got {threads}")
-    elif _env("PYTEST_XDIST_WORKER") is not None:
+    threads = _int_env("MINIGPT_THREADS", default=None, minimum=1)
+    if threads is None and _env("PYTEST_XDIST_WORKER") is not None:
         threads = 1
-    else:
+    if threads is None:
         return torch.get_num_threads()
     torch.set_num_threads(threads)
     return threads

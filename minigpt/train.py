@@ -270,7 +270,9 @@ def train(
     step = 0
 
     if resume_from is not None:
-        ckpt = load_checkpoint(resume_from, map_location=next(model.parameters()).device)
+        # Loaded on the CPU: RNG states must stay CPU tensors, and load_state_dict copies weights and
+        # optimizer moments onto the parameters' device anyway.
+        ckpt = load_checkpoint(resume_from)
         model_config = getattr(model, "config", None)
         if model_config is not None and ckpt.get("model_config") != asdict(model_config):
             raise ValueError(
