@@ -1,6 +1,7 @@
 """Throughput and quality benchmark on nanoGPT's CPU configuration for character-level Shakespeare.
 
-    python -m minigpt.bench --threads 1 2 --seeds 4 --out bench/results/bench.json
+    python -m minigpt.bench --threads 1 2 --seeds 4 --reference-seeds 1337 1338 1339 1340 \
+        --out bench/results/bench.json
 
 For each thread count, in a fresh process: trains the small GPT (4 layers, 4 heads, 128 wide, block 64,
 batch 12) for 2000 updates with :func:`minigpt.train.train` and nanoGPT's hyperparameters, and records
@@ -11,6 +12,8 @@ batch 12) for 2000 updates with :func:`minigpt.train.train` and nanoGPT's hyperp
   at the end over the whole validation split (every token, non-overlapping 64-token windows);
 - with ``--seeds N``, the same training for N seeds, and the mean and 95% t-interval of the final
   validation loss (one seed is one sample of a noisy quantity: compare distributions, not draws);
+- with ``--reference-seeds``, nanoGPT's own training loop (:func:`nanogpt_reference_run`) for those
+  seeds, its mean, and a Welch test of minigpt's full-split loss against it;
 - a *bare loop* reference measured before and after the run: forward, backward, clip, AdamW step on the
   same model with nothing else (no checks, history or evaluation), nanoGPT's own loop structure. Run next to
   the trainer on the same machine at the same time, it separates the trainer's overhead from how fast
@@ -78,6 +81,64 @@ def full_val_loss(model, tokens: torch.Tensor, block_size: int, batch: int = 256
     return total / (n * block_size)
 
 
+def nanogpt_reference_run(seed: int, iters: int = 2000) -> dict:
+    """nanoGPT's training loop on the same model, for a like-for-like quality comparison.
+
+    What makes it nanoGPT's rather than minigpt's: one global RNG seeded once before the model is built,
+    from which training *and* evaluation batches are drawn in nanoGPT's order (the first batch before the
+    loop, the next one right after each forward pass); plain (unfused) AdamW; and evaluation on 20 fresh
+    random batches per split. With seed 1337, nanoGPT's, it reproduces nanoGPT's reported validation
+    loss at 2000 updates (1.8857) to every printed digit, so its numbers stand in for nanoGPT's own.
+    """
+    from .data import load_shakespeare, random_blocks
+    from .model import GPT, GPTConfig
+    from .train import TrainConfig, lr_at
+
+    corpus = load_shakespeare()
+    cfg = TrainConfig(max_iters=iters)
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(vocab_size=corpus.vocab_size))
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}],
+                            lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2))
+    splits = {"train": corpus.train, "val": corpus.val}
+
+    def batch(split):  # generator=None: the global RNG, as nanoGPT's get_batch
+        return random_blocks(splits[split], 12, 64)
+
+    @torch.no_grad()
+    def estimate(split):
+        model.eval()
+        loss = sum(model(*batch(split))[1].item() for _ in range(20)) / 20
+        model.train()
+        return loss
+
+    val_every_250 = {}
+    x, y = batch("train")
+    for it in range(iters + 1):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(it, cfg)
+        if it % 250 == 0 or it == iters:
+            estimate("train")  # nanoGPT evaluates both splits; the train draws move the RNG
+            val_every_250[it] = estimate("val")
+        if it == iters:
+            break
+        _, loss = model(x, y)
+        x, y = batch("train")
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return {
+        "seed": seed,
+        "val_loss_every_250": val_every_250,
+        "final_val_loss_20_batches": val_every_250[iters],
+        "final_val_loss_full_split": full_val_loss(model, corpus.val, 64),
+    }
+
+
 def run_one(threads: int, iters: int, seed: int, bare_iters: int) -> dict:
     """One benchmark in this process with ``threads`` torch threads."""
     torch.set_num_threads(threads)
@@ -127,18 +188,26 @@ def main(argv: list[str] | None = None) -> None:
                         help="train this many seeds (base seed onward) for the quality summary; seeds past "
                              "the first run two at a time with one thread each")
     parser.add_argument("--out", type=Path, default=Path("bench/results/bench.json"))
+    parser.add_argument("--reference-seeds", type=int, nargs="*", default=[],
+                        help="also train nanoGPT's own loop with these seeds (1337 is nanoGPT's) and compare")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # internal: run in-process
+    parser.add_argument("--one-reference", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.one:
         print(json.dumps(run_one(args.threads[0], args.iters, args.seed, args.bare_iters)))
         return
+    if args.one_reference:
+        torch.set_num_threads(1)
+        print(json.dumps(nanogpt_reference_run(args.seed, args.iters)))
+        return
 
-    def launch(threads: int, seed: int, bare_iters: int) -> subprocess.Popen:
+    def launch(threads: int, seed: int, bare_iters: int, reference: bool = False) -> subprocess.Popen:
         # A fresh process per run: torch's thread pool is sized once per process.
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), MINIGPT_THREADS=str(threads))
-        cmd = [sys.executable, "-m", "minigpt.bench", "--one", "--threads", str(threads),
-               "--iters", str(args.iters), "--seed", str(seed), "--bare-iters", str(bare_iters)]
+        cmd = [sys.executable, "-m", "minigpt.bench", "--one-reference" if reference else "--one",
+               "--threads", str(threads), "--iters", str(args.iters), "--seed", str(seed),
+               "--bare-iters", str(bare_iters)]
         return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True)
 
     def collect(proc: subprocess.Popen) -> dict:
@@ -166,14 +235,35 @@ def main(argv: list[str] | None = None) -> None:
             quality[seed] = collect(proc)
             print(f"seed={seed}: val loss {quality[seed]['final_val_loss_20_batches']:.4f} (20 batches), "
                   f"{quality[seed]['final_val_loss_full_split']:.4f} (full split)", flush=True)
+    reference = {}
+    seeds = list(args.reference_seeds)
+    for i in range(0, len(seeds), 2):
+        for seed, proc in [(s, launch(1, s, 0, reference=True)) for s in seeds[i:i + 2]]:
+            reference[seed] = collect(proc)
+            print(f"nanoGPT loop, seed={seed}: val loss {reference[seed]['final_val_loss_20_batches']:.4f} "
+                  f"(20 batches), {reference[seed]['final_val_loss_full_split']:.4f} (full split)", flush=True)
+
     summary = {}
-    if len(quality) >= 2:
+    for name, group in (("minigpt", quality), ("nanogpt_loop", reference)):
+        if len(group) < 2:
+            continue
         from .experiments import mean_ci
 
         for key in ("final_val_loss_full_split", "final_val_loss_20_batches"):
-            ci = mean_ci([q[key] for q in quality.values()])
-            summary[key] = {"mean": ci.mean, "ci95_low": ci.low, "ci95_high": ci.high, "n": ci.n}
-            print(f"{key} over seeds {sorted(quality)}: {ci}")
+            ci = mean_ci([q[key] for q in group.values()])
+            summary.setdefault(name, {})[key] = {"mean": ci.mean, "ci95_low": ci.low, "ci95_high": ci.high, "n": ci.n}
+            print(f"{name} {key} over seeds {sorted(group)}: {ci}")
+    if len(quality) >= 2 and len(reference) >= 2:
+        from scipy import stats
+
+        key = "final_val_loss_full_split"
+        a, b = [q[key] for q in quality.values()], [r[key] for r in reference.values()]
+        test = stats.ttest_ind(a, b, equal_var=False)
+        summary["minigpt_minus_nanogpt_full_split"] = {
+            "difference": sum(a) / len(a) - sum(b) / len(b), "welch_t": float(test.statistic),
+            "p_value": float(test.pvalue)}
+        print(f"minigpt - nanoGPT loop, full split: {summary['minigpt_minus_nanogpt_full_split']['difference']:+.4f} "
+              f"(Welch p = {test.pvalue:.2f})")
 
     report = {
         "config": "nanoGPT CPU: n_layer 4, n_head 4, n_embd 128, block 64, batch 12, lr 1e-3 -> 1e-4, "
@@ -183,6 +273,7 @@ def main(argv: list[str] | None = None) -> None:
         "runs": runs,
         "quality_runs": [{k: v for k, v in q.items() if k not in ("bare_loop_ms_per_iter_before",
                           "bare_loop_ms_per_iter_after")} for q in quality.values()],
+        "nanogpt_loop_runs": list(reference.values()),
         "quality_summary": summary,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -29,3 +29,9 @@ def test_mean_ci():
         mean_ci([1.0, 2.0], confidence=1.5)
     with pytest.raises(ValueError, match="finite"):
         mean_ci([1.0, float("nan")])
+
+
+def test_nanogpt_reference_loop_runs():
+    run = bench.nanogpt_reference_run(seed=1337, iters=30)
+    assert list(run["val_loss_every_250"]) == [0, 30]
+    assert run["final_val_loss_full_split"] < run["val_loss_every_250"][0]
