@@ -36,7 +36,7 @@ def data_dir() -> Path:
     """Where the corpus lives: ``MINIGPT_DATA_DIR`` if set, else the user cache folder."""
     explicit = os.environ.get("MINIGPT_DATA_DIR", "").strip()
     if explicit:
-        return Path(explicit).expanduser()
+        return Path(explicit).expanduser().resolve()  # relative to the current directory
     cache_root = os.environ.get("XDG_CACHE_HOME", "").strip() or Path.home() / ".cache"
     return Path(cache_root) / "minigpt"
 
