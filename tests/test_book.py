@@ -1,0 +1,133 @@
+"""The book: built with warnings as errors from the chapters this run executed, then read in a real
+browser with the network cut off, as an offline reader would."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+HTML = ROOT / "_build" / "html"
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+pytestmark = pytest.mark.book_build
+
+
+def toc_pages() -> list[str]:
+    """Document names in _toc.yml, e.g. 'book/intro', 'notebooks/01_foundations'."""
+    return re.findall(r"(?:root|file):\s*(\S+)", (ROOT / "_toc.yml").read_text())
+
+
+def chapter_pages() -> list[str]:
+    return [p for p in toc_pages() if p.startswith("notebooks/")]
+
+
+@pytest.fixture(scope="session")
+def built_book(executed_chapters):
+    failed = sorted(name for name, ok in executed_chapters.items() if not ok)
+    if failed:
+        pytest.fail(f"chapters failed under nbval, so the book is not built: {failed} (see their cells above)")
+    jupyter_book = Path(sys.executable).with_name("jupyter-book")
+    log = ROOT / "_build" / "book-build.log"
+    log.parent.mkdir(exist_ok=True)
+    with open(log, "w") as out:
+        proc = subprocess.run([str(jupyter_book), "build", "-W", "--keep-going", str(ROOT)],
+                              stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, timeout=60 * 60)
+    text = log.read_text()
+    if proc.returncode != 0:
+        pytest.fail(f"jupyter-book build -W failed (exit {proc.returncode}); last lines of {log}:\n{text[-6000:]}")
+    return text
+
+
+def test_book_builds_with_warnings_as_errors(built_book):
+    assert (HTML / "index.html").exists()
+    for page in toc_pages():
+        assert (HTML / f"{page}.html").exists(), f"{page} is in _toc.yml but was not built"
+
+
+def test_chapters_executed_once(built_book, executed_chapters):
+    """Chapters that ran under nbval in this session are taken from the cache, not executed again."""
+    for name in executed_chapters:
+        assert f"notebooks/{name}.md: Using cached notebook" in built_book, f"{name} was executed twice"
+
+
+def test_no_cdn_left(built_book):
+    cdn = re.compile(r"https?://(cdn\.jsdelivr\.net|unpkg\.com|cdnjs\.cloudflare\.com)")
+    offenders = [str(p.relative_to(HTML)) for p in HTML.rglob("*.html") if cdn.search(p.read_text(errors="replace"))]
+    assert offenders == []
+    assert (HTML / "_static" / "mathjax" / "tex-chtml.js").exists()
+
+
+@pytest.fixture(scope="session")
+def browser():
+    if CHROMIUM is None:
+        if os.environ.get("MINIGPT_REQUIRE_BROWSER"):
+            pytest.fail("MINIGPT_REQUIRE_BROWSER is set but no chromium is installed (apt-get install chromium)")
+        pytest.skip("no chromium installed: apt-get install chromium (CI installs it)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync"])
+        yield browser
+        browser.close()
+
+
+def open_offline(browser, page_name: str):
+    """Open a built page with every request that is not a local file refused; return (page, refused)."""
+    page = browser.new_page()
+    refused: list[str] = []
+
+    def route(r):
+        if r.request.url.startswith(("file:", "data:", "blob:")):
+            r.continue_()
+        else:
+            refused.append(r.request.url)
+            r.abort()
+
+    page.route("**/*", route)
+    page.goto((HTML / f"{page_name}.html").as_uri(), wait_until="load")
+    return page, refused
+
+
+@pytest.mark.parametrize("page_name", toc_pages())
+def test_page_in_offline_browser(built_book, browser, page_name):
+    page, refused = open_offline(browser, page_name)
+    try:
+        n_math = page.evaluate("document.querySelectorAll('.math').length")
+        if n_math:
+            page.wait_for_function(
+                f"document.querySelectorAll('mjx-container').length >= {n_math}", timeout=30_000)
+        images = page.evaluate(
+            "Array.from(document.images).map(i => ({src: i.src, ok: i.complete && i.naturalWidth > 0}))")
+        broken = [i["src"] for i in images if not i["ok"]]
+        assert broken == [], f"figures that did not load: {broken}"
+        errors = page.evaluate(
+            "document.querySelectorAll('.output.traceback, .output.error, .output.stderr').length")
+        assert errors == 0, "a cell shows an error or writes to stderr"
+        main_text = page.inner_text("main")
+        assert "{glue" not in main_text
+        assert refused == [], f"the page tried to reach the network: {refused}"
+    finally:
+        page.close()
+
+
+@pytest.mark.parametrize("chapter", chapter_pages())
+def test_chapter_shows_its_glued_numbers(built_book, browser, chapter):
+    source = (ROOT / f"{chapter}.md").read_text()
+    n_glued = len(re.findall(r"\{glue(?::text)?\}`", source))
+    page, _ = open_offline(browser, chapter)
+    try:
+        pasted = page.evaluate("Array.from(document.querySelectorAll('.pasted-text, .pasted-inline'))"
+                               ".map(e => e.innerText.trim())")
+    finally:
+        page.close()
+    assert n_glued > 0, f"{chapter} glues no measured number into its prose"
+    assert len(pasted) >= n_glued and all(pasted), f"{chapter}: {n_glued} glue roles, rendered {pasted}"
