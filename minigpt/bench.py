@@ -161,6 +161,8 @@ def run_one(threads: int, iters: int, seed: int, bare_iters: int) -> dict:
     steady = [1000 * s for s in result.history.seconds[50:]]
     ms = _quantiles(steady)
     tokens_per_update = 12 * model_cfg.block_size
+    # Time relative to nanoGPT's bare loop measured alongside: the machine's speed cancels out.
+    ratio = (ms["median"] / ((bare_before["median"] + bare_after["median"]) / 2)) if bare_iters else None
     return {
         "threads": threads,
         "seed": seed,
@@ -170,6 +172,7 @@ def run_one(threads: int, iters: int, seed: int, bare_iters: int) -> dict:
         "tokens_per_s": tokens_per_update / (ms["median"] / 1000),
         "bare_loop_ms_per_iter_before": bare_before,
         "bare_loop_ms_per_iter_after": bare_after,
+        "time_vs_bare_loop": ratio,
         "val_loss_every_250": dict(zip(result.history.eval_step, result.history.val_loss)),
         "train_loss_every_250": dict(zip(result.history.eval_step, result.history.train_loss)),
         "final_val_loss_20_batches": result.history.val_loss[-1],
@@ -223,7 +226,8 @@ def main(argv: list[str] | None = None) -> None:
         ms = run["ms_per_iter"]
         print(f"threads={threads}: {ms['median']:.1f} ms/iter (IQR {ms['q1']:.1f}-{ms['q3']:.1f}), "
               f"{run['tokens_per_s']:.0f} tokens/s; bare loop {run['bare_loop_ms_per_iter_before']['median']:.1f}"
-              f" / {run['bare_loop_ms_per_iter_after']['median']:.1f} ms before/after; "
+              f" / {run['bare_loop_ms_per_iter_after']['median']:.1f} ms before/after "
+              f"(trainer/bare = {run['time_vs_bare_loop']:.2f}); "
               f"val loss {run['final_val_loss_20_batches']:.4f} (20 batches), "
               f"{run['final_val_loss_full_split']:.4f} (full split)", flush=True)
 
@@ -272,7 +276,7 @@ def main(argv: list[str] | None = None) -> None:
                     "cpus": os.cpu_count(), "torch": torch.__version__},
         "runs": runs,
         "quality_runs": [{k: v for k, v in q.items() if k not in ("bare_loop_ms_per_iter_before",
-                          "bare_loop_ms_per_iter_after")} for q in quality.values()],
+                          "bare_loop_ms_per_iter_after", "time_vs_bare_loop")} for q in quality.values()],
         "nanogpt_loop_runs": list(reference.values()),
         "quality_summary": summary,
     }

@@ -14,7 +14,7 @@ def test_bench_run_reports_what_it_promises():
     assert run["tokens_per_s"] == pytest.approx(12 * 64 / (run["ms_per_iter"]["median"] / 1000))
     assert list(run["val_loss_every_250"]) == [0, 60]  # step 0, then the end
     assert run["final_val_loss_full_split"] < run["val_loss_every_250"][0]
-    assert run["bare_loop_ms_per_iter_before"]["median"] > 0
+    assert run["bare_loop_ms_per_iter_before"]["median"] > 0 and run["time_vs_bare_loop"] > 0
 
 
 def test_mean_ci():
