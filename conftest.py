@@ -81,8 +81,9 @@ def pytest_configure(config):
 
 
 @pytest.fixture(scope="session")
-def executed_chapters(request) -> dict[str, bool]:
-    """Wait until every chapter collected in this run has finished under nbval; return name -> passed.
+def executed_chapters(request) -> dict[str, bool | None]:
+    """Wait until every chapter collected in this run has finished under nbval; return name -> True
+    (passed, cached for the build), False (a cell failed) or None (not fully run here).
 
     With xdist the chapters run on the other workers; the book build is handed out last, so by the time
     it waits here nothing else is queued and the wait costs no parallelism.
@@ -92,13 +93,13 @@ def executed_chapters(request) -> dict[str, bool]:
     chapters = sorted({item.path.stem for item in request.session.items if isinstance(item, MystNotebookCell)})
     folder = status_dir(request.config)
     deadline = time.monotonic() + 45 * 60
-    status: dict[str, bool] = {}
+    status: dict[str, bool | None] = {}
+    outcome = {"passed": True, "failed": False, "skipped": None}
     while len(status) < len(chapters):
         for name in chapters:
-            if (folder / f"{name}.passed").exists():
-                status[name] = True
-            elif (folder / f"{name}.failed").exists():
-                status[name] = False
+            for suffix, value in outcome.items():
+                if (folder / f"{name}.{suffix}").exists():
+                    status[name] = value
         if len(status) < len(chapters):
             if time.monotonic() > deadline:
                 pytest.fail(f"chapters still running after 45 minutes: {sorted(set(chapters) - set(status))}")
@@ -136,12 +137,17 @@ class MystNotebook(IPyNbFile):
     def teardown(self):
         super().teardown()
         cells = getattr(self, "cells", [])
-        passed = bool(cells) and all(c.passed for c in cells)
-        if passed:
+        ran = [c for c in cells if hasattr(c, "test_outputs")]  # set by nbval once a cell executes
+        if any(not c.passed for c in ran):
+            status = "failed"
+        elif cells and len(ran) == len(cells):
+            status = "passed"
             self._cache_executed_notebook(cells)
+        else:
+            status = "skipped"  # deselected (-k) or skipped cells: the book build executes it itself
         folder = status_dir(self.config)
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / f"{self.path.stem}.{'passed' if passed else 'failed'}").touch()
+        (folder / f"{self.path.stem}.{status}").touch()
 
     def _cache_executed_notebook(self, cells) -> None:
         from jupyter_cache import get_cache
