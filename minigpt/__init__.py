@@ -1,7 +1,9 @@
 """minigpt: the small PyTorch package behind *Loss Functions, Measured*.
 
 Modules: ``config`` (scale, seeds, device, threads), ``data`` (tiny Shakespeare, scikit-learn sets),
-``model`` (the GPT), ``train`` (the shared training loop), ``bench`` (throughput benchmark).
+``model`` (the GPT), ``train`` (the shared training loop), ``diagnostics`` (reading loss curves),
+``experiments`` (mean and 95% interval over seeds), ``report`` (glued prose for the chapters),
+``bench`` (throughput and quality benchmark against nanoGPT's loop).
 """
 
 from . import config
