@@ -1,8 +1,10 @@
 """minigpt: the small PyTorch package behind *Loss Functions, Measured*.
 
 Modules: ``config`` (scale, seeds, device, threads), ``data`` (tiny Shakespeare, scikit-learn sets),
-``model`` (the GPT), ``train`` (the shared training loop), ``diagnostics`` (reading loss curves),
-``experiments`` (mean and 95% interval over seeds), ``report`` (glued prose for the chapters),
+``model`` (the GPT), ``train`` (the shared training loop), ``losses`` (loss functions),
+``metrics`` (accuracy, F1, PR-AUC, calibration, interval coverage), ``diagnostics`` (reading loss
+curves), ``experiments`` (runs over seeds, intervals, paired comparisons, tables), ``report`` (glued
+prose for the chapters),
 ``bench`` (throughput and quality benchmark against nanoGPT's loop).
 """
 

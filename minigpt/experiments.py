@@ -40,3 +40,67 @@ def mean_ci(values, confidence: float = 0.95) -> MeanCI:
     sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1))
     half = stats.t.ppf(0.5 + confidence / 2, df=n - 1) * sd / math.sqrt(n)
     return MeanCI(mean, mean - half, mean + half, n, confidence)
+
+
+def over_seeds(fn, n: int = 5, seeds=None) -> dict[int, object]:
+    """Run ``fn(seed)`` for each seed and return ``{seed: result}``.
+
+    Seeds default to ``minigpt.config.seeds(n)``, derived from ``MINIGPT_SEED``, so that the whole
+    experiment moves when a reader picks another base seed (and a claim must survive that).
+    """
+    from .config import seeds as derive_seeds
+
+    chosen = list(seeds) if seeds is not None else derive_seeds(n)
+    if not chosen:
+        raise ValueError("seeds must not be empty")
+    return {seed: fn(seed) for seed in chosen}
+
+
+@dataclass
+class PairedComparison:
+    """A - B measured on the same seeds: the mean difference with its interval, a paired t-test and
+    how often A was lower (``a_lower``, for losses and errors: lower is better)."""
+
+    difference: MeanCI
+    p_value: float
+    a_lower: int
+    n: int
+
+    def __str__(self) -> str:
+        return (f"A - B = {self.difference} (paired t-test p = {self.p_value:.3g}); "
+                f"A lower in {self.a_lower} of {self.n}")
+
+
+def paired_comparison(a, b, confidence: float = 0.95) -> PairedComparison:
+    """Compare two methods measured on the same seeds (``a[i]`` and ``b[i]`` share seed i).
+
+    Pairing removes what the seed does to both (the data split, the initialisation), so a difference
+    can be real even where the two intervals overlap.
+    """
+    from scipy import stats
+
+    xs, ys = [float(v) for v in a], [float(v) for v in b]
+    if len(xs) != len(ys):
+        raise ValueError(f"a and b must pair up one measurement per seed, got {len(xs)} and {len(ys)}")
+    diffs = [x - y for x, y in zip(xs, ys)]
+    ci = mean_ci(diffs, confidence)
+    p = 1.0 if all(d == diffs[0] for d in diffs) and diffs[0] == 0 else float(stats.ttest_rel(xs, ys).pvalue)
+    return PairedComparison(ci, p, sum(d < 0 for d in diffs), len(diffs))
+
+
+def summary_table(results: dict[str, list], confidence: float = 0.95) -> list[dict]:
+    """One row per method: ``{"name", "mean", "low", "high", "n"}`` from its per-seed values."""
+    rows = []
+    for name, values in results.items():
+        ci = mean_ci(values, confidence)
+        rows.append({"name": name, "mean": ci.mean, "low": ci.low, "high": ci.high, "n": ci.n})
+    return rows
+
+
+def markdown_table(rows: list[dict], digits: int = 4, label: str = "method") -> str:
+    """A Markdown table of :func:`summary_table` rows, mean with its interval, for a glued table."""
+    lines = [f"| {label} | mean | 95% interval | seeds |", "| --- | --- | --- | --- |"]
+    for r in rows:
+        lines.append(f"| {r['name']} | {r['mean']:.{digits}f} | [{r['low']:.{digits}f}, "
+                     f"{r['high']:.{digits}f}] | {r['n']} |")
+    return "\n".join(lines)

@@ -1,0 +1,149 @@
+"""Evaluation metrics: accuracy, F1, PR-AUC, calibration (ECE and reliability diagrams), and the
+coverage of prediction intervals. Inputs are tensors; results are Python floats."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def _check_labels(name: str, labels: torch.Tensor) -> None:
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.dtype not in (torch.int64, torch.int32, torch.bool):
+        raise ValueError(f"{name} must hold integer class labels, got dtype {labels.dtype}")
+    if labels.ndim != 1 or len(labels) == 0:
+        raise ValueError(f"{name} must be a non-empty 1-D tensor, got shape {tuple(labels.shape)}")
+
+
+def accuracy(prediction: torch.Tensor, target: torch.Tensor) -> float:
+    """Share of correct predictions. ``prediction``: (N,) labels, or (N, C) scores (logits or
+    probabilities) whose argmax is the label; ``target``: (N,) labels."""
+    _check_labels("target", target)
+    if prediction.ndim == 2:
+        prediction = prediction.argmax(dim=1)
+    _check_labels("prediction", prediction)
+    if prediction.shape != target.shape:
+        raise ValueError(f"prediction must have {len(target)} rows like target, got {tuple(prediction.shape)}")
+    return (prediction == target).float().mean().item()
+
+
+def f1_score(prediction: torch.Tensor, target: torch.Tensor, *, average: str = "binary",
+             positive: int = 1) -> float:
+    """F1, the harmonic mean of precision and recall. ``average="binary"``: of class ``positive``;
+    ``"macro"``: the unweighted mean over the classes present in target or prediction. A class with no
+    true positives has F1 0 (also when it has no predictions), as in scikit-learn with
+    ``zero_division=0``."""
+    _check_labels("prediction", prediction)
+    _check_labels("target", target)
+    if prediction.shape != target.shape:
+        raise ValueError(f"prediction must have the shape of target {tuple(target.shape)}, got {tuple(prediction.shape)}")
+
+    def f1_of(c: int) -> float:
+        tp = ((prediction == c) & (target == c)).sum().item()
+        fp = ((prediction == c) & (target != c)).sum().item()
+        fn = ((prediction != c) & (target == c)).sum().item()
+        return 0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn)
+
+    if average == "binary":
+        return f1_of(positive)
+    if average == "macro":
+        classes = torch.unique(torch.cat([prediction, target])).tolist()
+        return sum(f1_of(c) for c in classes) / len(classes)
+    raise ValueError(f"average must be 'binary' or 'macro', got {average!r}")
+
+
+def pr_auc(score: torch.Tensor, target: torch.Tensor) -> float:
+    """Area under the precision-recall curve as average precision, ``sum_n (R_n - R_{n-1}) P_n`` over
+    the distinct score thresholds (tied scores form one threshold), as ``sklearn.metrics.
+    average_precision_score``. ``score``: (N,) higher means more likely positive; ``target``: (N,) 0/1.
+    Unlike ROC-AUC it reflects how rare the positive class is: a random scorer gets the positive share."""
+    _check_labels("target", target)
+    if not isinstance(score, torch.Tensor) or score.shape != target.shape:
+        raise ValueError(f"score must be a tensor of shape {tuple(target.shape)}")
+    if not bool(((target == 0) | (target == 1)).all()):
+        raise ValueError("target must hold 0/1 labels")
+    n_pos = int(target.sum())
+    if n_pos == 0:
+        raise ValueError("target has no positive example: precision-recall is undefined")
+    order = torch.argsort(score.double(), descending=True, stable=True)
+    s, t = score.double()[order], target[order].double()
+    tp, fp = torch.cumsum(t, 0), torch.cumsum(1 - t, 0)
+    last_of_tie = torch.ones_like(s, dtype=torch.bool)
+    last_of_tie[:-1] = s[1:] != s[:-1]  # evaluate at the end of each run of tied scores
+    tp, fp = tp[last_of_tie], fp[last_of_tie]
+    precision, recall = tp / (tp + fp), tp / n_pos
+    recall_step = torch.diff(recall, prepend=torch.zeros(1, dtype=recall.dtype))
+    return float((recall_step * precision).sum())
+
+
+@dataclass
+class ReliabilityDiagram:
+    """Per confidence bin (equal width over [0, 1]): how many predictions, their mean top-label
+    confidence and their accuracy. Empty bins hold NaN confidence and accuracy."""
+
+    edges: list[float]
+    count: list[int]
+    confidence: list[float]
+    accuracy: list[float]
+
+    @property
+    def ece(self) -> float:
+        n = sum(self.count)
+        return sum(c / n * abs(a - f) for c, a, f in zip(self.count, self.accuracy, self.confidence) if c)
+
+
+def reliability_diagram(probs: torch.Tensor, target: torch.Tensor, n_bins: int = 15) -> ReliabilityDiagram:
+    """Bin top-label confidences into ``n_bins`` equal-width bins ``((m-1)/M, m/M]`` (Guo et al. 2017).
+
+    Args:
+        probs: (N, C) class probabilities (each row sums to 1; apply softmax to logits first).
+        target: (N,) labels.
+    """
+    _check_labels("target", target)
+    if not isinstance(probs, torch.Tensor) or probs.ndim != 2 or len(probs) != len(target):
+        raise ValueError(f"probs must have shape (N, C) with N = {len(target)}, got "
+                         f"{tuple(probs.shape) if isinstance(probs, torch.Tensor) else type(probs).__name__}")
+    if not isinstance(n_bins, int) or n_bins < 1:
+        raise ValueError(f"n_bins must be a positive int, got {n_bins!r}")
+    p = probs.detach().double()
+    if bool((p < 0).any() or (p > 1).any()) or not torch.allclose(p.sum(1), torch.ones(len(p), dtype=p.dtype), atol=1e-4):
+        raise ValueError("probs must be probabilities in [0, 1] whose rows sum to 1 (apply softmax to logits)")
+    confidence, predicted = p.max(dim=1)
+    correct = (predicted == target).double()
+    bins = torch.clamp(torch.ceil(confidence * n_bins).long() - 1, 0, n_bins - 1)
+    count = torch.bincount(bins, minlength=n_bins)
+    conf_sum = torch.bincount(bins, weights=confidence, minlength=n_bins)
+    acc_sum = torch.bincount(bins, weights=correct, minlength=n_bins)
+    nan = float("nan")
+    return ReliabilityDiagram(
+        edges=[m / n_bins for m in range(n_bins + 1)],
+        count=count.tolist(),
+        confidence=[(cs / c).item() if c else nan for cs, c in zip(conf_sum, count)],
+        accuracy=[(a / c).item() if c else nan for a, c in zip(acc_sum, count)],
+    )
+
+
+def expected_calibration_error(probs: torch.Tensor, target: torch.Tensor, n_bins: int = 15) -> float:
+    """ECE (Guo et al. 2017): ``sum_m |B_m| / N * |acc(B_m) - conf(B_m)|`` over ``n_bins`` equal-width
+    bins of top-label confidence. 0 is perfectly calibrated; the unit is a probability."""
+    return reliability_diagram(probs, target, n_bins).ece
+
+
+def interval_coverage(lower: torch.Tensor, upper: torch.Tensor, target: torch.Tensor) -> float:
+    """Share of targets inside their prediction interval ``[lower, upper]`` (all of shape (N,)). An
+    80% interval from the 0.1 and 0.9 quantiles should cover about 0.8 of new targets."""
+    for name, t in (("lower", lower), ("upper", upper)):
+        if not isinstance(t, torch.Tensor) or t.shape != target.shape:
+            raise ValueError(f"{name} must be a tensor of the shape of target {tuple(target.shape)}")
+    return ((target >= lower) & (target <= upper)).double().mean().item()
+
+
+def quantile_crossing_rate(predictions: torch.Tensor) -> float:
+    """Share of rows of ``predictions`` (N, Q), ordered by increasing quantile level, whose predicted
+    quantiles are not in non-decreasing order: predictions that contradict themselves."""
+    if not isinstance(predictions, torch.Tensor) or predictions.ndim != 2 or predictions.shape[1] < 2:
+        raise ValueError("predictions must be a tensor of shape (N, Q) with Q >= 2")
+    crossed = (torch.diff(predictions, dim=1) < 0).any(dim=1)
+    return crossed.double().mean().item()

@@ -1,0 +1,113 @@
+"""Metrics and experiment statistics against scikit-learn and scipy, and hand-checked cases."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+from sklearn.metrics import average_precision_score
+from sklearn.metrics import f1_score as sk_f1
+
+from minigpt import metrics
+from minigpt.experiments import markdown_table, mean_ci, over_seeds, paired_comparison, summary_table
+
+
+def test_accuracy():
+    target = torch.tensor([0, 1, 2, 1])
+    assert metrics.accuracy(torch.tensor([0, 1, 1, 1]), target) == 0.75
+    logits = torch.tensor([[2.0, 0, 0], [0, 3, 0], [0, 0, 1], [5, 0, 0]])
+    assert metrics.accuracy(logits, target) == 0.75
+    with pytest.raises(ValueError, match="prediction must have"):
+        metrics.accuracy(torch.tensor([0, 1]), target)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_f1_matches_sklearn(seed):
+    g = torch.Generator().manual_seed(seed)
+    y, p = torch.randint(0, 4, (200,), generator=g), torch.randint(0, 4, (200,), generator=g)
+    assert metrics.f1_score(p, y, average="macro") == pytest.approx(sk_f1(y, p, average="macro", zero_division=0))
+    yb, pb = (y > 1).long(), (p > 2).long()
+    assert metrics.f1_score(pb, yb) == pytest.approx(sk_f1(yb, pb, zero_division=0))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_pr_auc_matches_sklearn(seed):
+    g = torch.Generator().manual_seed(seed)
+    y = (torch.rand(300, generator=g) < 0.1).long()
+    y[0] = 1
+    score = torch.round(torch.rand(300, generator=g) * 20) / 20 + 0.3 * y  # ties included on purpose
+    assert metrics.pr_auc(score, y) == pytest.approx(average_precision_score(y.numpy(), score.numpy()), rel=1e-12)
+    with pytest.raises(ValueError, match="no positive"):
+        metrics.pr_auc(score, torch.zeros(300, dtype=torch.long))
+
+
+def _ece_by_hand(probs, target, n_bins):
+    conf, pred = probs.max(1)
+    total = 0.0
+    for m in range(n_bins):
+        lo, hi = m / n_bins, (m + 1) / n_bins
+        in_bin = (conf > lo) & (conf <= hi) if m else (conf >= lo) & (conf <= hi)
+        if in_bin.any():
+            acc = (pred[in_bin] == target[in_bin]).double().mean()
+            total += in_bin.double().mean() * abs(acc - conf[in_bin].double().mean())
+    return float(total)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_ece_matches_the_definition(seed):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(500, 10, generator=g, dtype=torch.float64) * 3
+    target = torch.randint(0, 10, (500,), generator=g)
+    probs = torch.softmax(logits, 1)
+    assert metrics.expected_calibration_error(probs, target) == pytest.approx(_ece_by_hand(probs, target, 15), abs=1e-12)
+    diagram = metrics.reliability_diagram(probs, target)
+    assert sum(diagram.count) == 500 and len(diagram.edges) == 16
+
+
+def test_ece_of_a_calibrated_and_an_overconfident_model():
+    # labels drawn from the model's own probabilities: calibrated by construction
+    g = torch.Generator().manual_seed(0)
+    probs = torch.softmax(torch.randn(20000, 5, generator=g, dtype=torch.float64), 1)
+    target = torch.multinomial(probs, 1, generator=g)[:, 0]
+    assert metrics.expected_calibration_error(probs, target) < 0.02
+    sharpened = torch.softmax(torch.log(probs) * 4, 1)  # same ranking, overconfident
+    assert metrics.expected_calibration_error(sharpened, target) > 0.2
+
+
+def test_calibration_bad_inputs():
+    with pytest.raises(ValueError, match="probs must be probabilities"):
+        metrics.expected_calibration_error(torch.randn(4, 3), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="n_bins"):
+        metrics.expected_calibration_error(torch.full((4, 2), 0.5), torch.zeros(4, dtype=torch.long), n_bins=0)
+    with pytest.raises(ValueError, match="target must hold integer"):
+        metrics.expected_calibration_error(torch.full((4, 2), 0.5), torch.zeros(4))
+
+
+def test_interval_coverage_and_crossing():
+    target = torch.tensor([0.0, 1.0, 2.0, 3.0])
+    assert metrics.interval_coverage(torch.zeros(4), torch.full((4,), 1.5), target) == 0.5
+    preds = torch.tensor([[0.0, 1.0, 2.0], [0.0, 2.0, 1.0], [1.0, 1.0, 1.0]])
+    assert metrics.quantile_crossing_rate(preds) == pytest.approx(1 / 3)
+    with pytest.raises(ValueError, match="upper must be"):
+        metrics.interval_coverage(torch.zeros(4), torch.zeros(3), target)
+
+
+def test_paired_comparison_matches_scipy():
+    a, b = [1.0, 2.0, 3.5, 4.0, 5.2], [1.5, 2.1, 3.9, 4.6, 5.3]
+    cmp = paired_comparison(a, b)
+    assert cmp.p_value == pytest.approx(stats.ttest_rel(a, b).pvalue)
+    assert cmp.difference.mean == pytest.approx(np.mean(np.subtract(a, b)))
+    assert cmp.a_lower == 5 and cmp.n == 5
+    with pytest.raises(ValueError, match="pair up"):
+        paired_comparison([1.0, 2.0], [1.0])
+
+
+def test_over_seeds_and_tables(monkeypatch):
+    monkeypatch.setenv("MINIGPT_SEED", "10")
+    assert over_seeds(lambda s: s * 2, n=3) == {10: 20, 11: 22, 12: 24}
+    rows = summary_table({"mse": [1.0, 2.0, 3.0], "huber": [1.0, 1.0, 1.0]})
+    assert rows[0]["mean"] == 2.0 and rows[0]["low"] == pytest.approx(mean_ci([1, 2, 3]).low)
+    table = markdown_table(rows, digits=2, label="loss")
+    assert table.splitlines()[2].startswith("| mse | 2.00 | [") and "| huber | 1.00 | [1.00, 1.00] | 3 |" in table
+    assert not math.isnan(rows[1]["high"])
