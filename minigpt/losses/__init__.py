@@ -3,13 +3,23 @@
 Modules by family; everything is importable from here:
 
 - ``regression``: MSE, MAE, Huber, SmoothL1, log-cosh (stable), quantile and multi-quantile.
+- ``sequence``: per-token NLL and the SFT reductions (sum, token mean, sequence mean, 1/T^alpha) with
+  correct gradient-accumulation normalisation; prompt masking, token weighting, the notes' adaptive
+  length penalty.
 """
 
 from .regression import (
     huber_loss, log_cosh_loss, mae_loss, mse_loss, multi_quantile_loss, quantile_loss, smooth_l1_loss,
 )
 
+from .sequence import (
+    adaptive_length_penalty_loss, mask_prompt, sequence_loss, sft_loss, token_nll, token_weights,
+    weighted_token_mean,
+)
+
 __all__ = [
+    "adaptive_length_penalty_loss", "mask_prompt", "sequence_loss", "sft_loss", "token_nll", "token_weights",
+    "weighted_token_mean",
     "huber_loss", "log_cosh_loss", "mae_loss", "mse_loss", "multi_quantile_loss", "quantile_loss",
     "smooth_l1_loss",
 ]
