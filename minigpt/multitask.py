@@ -1,0 +1,287 @@
+"""Multi-task loss weighting: combine K task losses into one, with weights that are fixed, learned, or
+updated from the losses' history or the tasks' gradients.
+
+Every weighting has ``weights()`` -> (K,) tensor and is called as ``weighting(losses)`` with a sequence
+of K scalar losses, returning the total to backpropagate. History-based schemes also need ``update``.
+The source notes' schemes are included so that the book can measure them next to the published ones.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import torch
+import torch.nn as nn
+
+
+def _stack(losses) -> torch.Tensor:
+    t = torch.stack([torch.as_tensor(l) for l in losses]) if not isinstance(losses, torch.Tensor) else losses
+    if t.ndim != 1 or len(t) == 0:
+        raise ValueError(f"losses must be K scalar losses, got shape {tuple(t.shape)}")
+    return t
+
+
+class FixedWeights:
+    """``sum_i w_i L_i`` with constant weights."""
+
+    def __init__(self, weights):
+        self._w = torch.as_tensor(weights, dtype=torch.float32)
+        if self._w.ndim != 1 or bool((self._w < 0).any()):
+            raise ValueError("weights must be a 1-D sequence of non-negative numbers")
+
+    def weights(self) -> torch.Tensor:
+        return self._w.clone()
+
+    def __call__(self, losses) -> torch.Tensor:
+        L = _stack(losses)
+        if len(L) != len(self._w):
+            raise ValueError(f"losses must hold {len(self._w)} task losses, got {len(L)}")
+        return (self._w.to(L) * L).sum()
+
+
+class UncertaintyWeighting(nn.Module):
+    """Homoscedastic uncertainty weighting (Kendall, Gal and Cipolla 2018), with learned ``s_i = log sigma_i^2``.
+
+    ``form="exact"``: the paper's terms, ``0.5 exp(-s) L + 0.5 s`` for a regression task and
+    ``exp(-s) L + 0.5 s`` for a classification task. ``form="common"``: ``exp(-s) L + s`` for every task,
+    the form most code uses: twice the regression term. For a regression task both put the optimum at
+    ``s = log L``, i.e. weight ``1 / L`` on the task's loss: a task whose loss goes to zero gets an
+    exploding weight, and the total goes negative once ``L < 1/e`` (expected, not a bug).
+    """
+
+    def __init__(self, task_types, form: str = "exact"):
+        super().__init__()
+        types = list(task_types)
+        if not types or any(t not in ("regression", "classification") for t in types):
+            raise ValueError("task_types must list 'regression' or 'classification' for each task")
+        if form not in ("exact", "common"):
+            raise ValueError(f"form must be 'exact' or 'common', got {form!r}")
+        self.task_types, self.form = types, form
+        self.log_vars = nn.Parameter(torch.zeros(len(types)))
+
+    def _scales(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(coefficient of exp(-s) L, coefficient of s) per task."""
+        if self.form == "common":
+            ones = torch.ones(len(self.task_types))
+            return ones, ones
+        loss_coef = torch.tensor([0.5 if t == "regression" else 1.0 for t in self.task_types])
+        return loss_coef, torch.full((len(self.task_types),), 0.5)
+
+    def weights(self) -> torch.Tensor:
+        loss_coef, _ = self._scales()
+        return (loss_coef.to(self.log_vars) * torch.exp(-self.log_vars)).detach()
+
+    def forward(self, losses) -> torch.Tensor:
+        L = _stack(losses)
+        loss_coef, s_coef = (c.to(L) for c in self._scales())
+        return (loss_coef * torch.exp(-self.log_vars.to(L)) * L + s_coef * self.log_vars.to(L)).sum()
+
+
+class DynamicWeightAverage:
+    """DWA (Liu, Johns and Davison 2019): ``lambda_k = K softmax_k(r_k / T)`` with
+    ``r_k = L_k(t-1) / L_k(t-2)`` from epoch-average losses; weights are 1 for the first two epochs.
+    Ratios make it independent of each loss's units (a softmax over raw losses is not)."""
+
+    def __init__(self, n_tasks: int, temperature: float = 2.0):
+        if n_tasks < 1 or not temperature > 0:
+            raise ValueError("n_tasks must be >= 1 and temperature > 0")
+        self.n_tasks, self.temperature = n_tasks, temperature
+        self.history: deque = deque(maxlen=2)
+
+    def update(self, epoch_losses) -> None:
+        """Record the epoch-average loss of each task (call once per epoch)."""
+        L = _stack(epoch_losses).detach().double()
+        if len(L) != self.n_tasks:
+            raise ValueError(f"epoch_losses must hold {self.n_tasks} values, got {len(L)}")
+        self.history.append(L)
+
+    def weights(self) -> torch.Tensor:
+        if len(self.history) < 2:
+            return torch.ones(self.n_tasks)
+        ratio = self.history[1] / self.history[0]
+        return (self.n_tasks * torch.softmax(ratio / self.temperature, dim=0)).float()
+
+    def __call__(self, losses) -> torch.Tensor:
+        L = _stack(losses)
+        return (self.weights().to(L) * L).sum()
+
+
+class GradNorm(nn.Module):
+    """GradNorm (Chen et al. 2018): learned weights ``w_i`` that equalise how fast tasks train.
+
+    At each step, with ``G_i = ||grad_W (w_i L_i)||`` at the last shared layer's weight W,
+    ``r_i = (L_i / L_i(0)) / mean_j (L_j / L_j(0))`` and target ``mean(G) r_i^alpha`` (held constant), the
+    weights take a gradient step on ``sum_i |G_i - target_i|``; then they are renormalised to sum to K.
+
+    Usage per training step: ``total = gradnorm(losses, shared_weight)``, ``total.backward()`` for the
+    model, ``optimizer.step()``. The weights are updated inside the call, by their own optimizer.
+    """
+
+    def __init__(self, n_tasks: int, alpha: float = 1.5, lr: float = 0.025):
+        super().__init__()
+        if n_tasks < 2:
+            raise ValueError("GradNorm needs at least 2 tasks")
+        self.alpha = alpha
+        self.w = nn.Parameter(torch.ones(n_tasks))
+        self.initial_losses: torch.Tensor | None = None
+        self._opt = torch.optim.Adam([self.w], lr=lr)
+
+    def weights(self) -> torch.Tensor:
+        return self.w.detach().clone()
+
+    def forward(self, losses, shared_weight: torch.Tensor) -> torch.Tensor:
+        L = _stack(losses)
+        if self.initial_losses is None:
+            self.initial_losses = L.detach().clone()
+        grads = [torch.autograd.grad(self.w[i] * L[i], shared_weight, retain_graph=True, create_graph=True)[0]
+                 for i in range(len(L))]
+        G = torch.stack([g.norm() for g in grads])
+        ratio = L.detach() / self.initial_losses
+        r = ratio / ratio.mean()
+        target = (G.mean() * r ** self.alpha).detach()
+        gradnorm_loss = (G - target).abs().sum()
+        self._opt.zero_grad()
+        (w_grad,) = torch.autograd.grad(gradnorm_loss, self.w, retain_graph=True)
+        self.w.grad = w_grad
+        self._opt.step()
+        with torch.no_grad():  # renormalise: sum w = K, and keep weights positive
+            self.w.clamp_(min=1e-6)
+            self.w.mul_(len(L) / self.w.sum())
+        return (self.w.detach() * L).sum()
+
+
+def gradient_cosine(g1: torch.Tensor, g2: torch.Tensor) -> float:
+    """Cosine between two (flattened) task gradients: negative means the tasks pull apart."""
+    return torch.nn.functional.cosine_similarity(g1.flatten().double(), g2.flatten().double(), dim=0).item()
+
+
+def pcgrad(grads, generator: torch.Generator | None = None) -> torch.Tensor:
+    """PCGrad (Yu et al. 2020): for each task gradient g_i, for each other task j in random order, if
+    ``g_i . g_j < 0`` remove g_i's component along the *original* g_j; return the sum of the results.
+
+    Args:
+        grads: K flattened task gradients of equal shape (D,).
+    """
+    originals = [g.detach().flatten() for g in grads]
+    if len(originals) < 2 or len({g.shape for g in originals}) != 1:
+        raise ValueError("grads must hold at least 2 gradients of the same size")
+    K = len(originals)
+    projected = []
+    for i in range(K):
+        g = originals[i].clone()
+        others = [j for j in torch.randperm(K, generator=generator).tolist() if j != i]
+        for j in others:
+            dot = torch.dot(g, originals[j])
+            if dot < 0:
+                g = g - dot / originals[j].pow(2).sum().clamp(min=1e-30) * originals[j]
+        projected.append(g)
+    return torch.stack(projected).sum(dim=0)
+
+
+# --- the source notes' schemes, kept to be measured ------------------------------------------------
+
+
+class DifficultyAdaptiveWeights:
+    """The notes' "difficulty adaptive" weights: ``softmax(L / tau)`` of the current losses (summing to 1).
+    A softmax over raw losses depends on each loss's units: rescaling one task's loss changes every
+    weight, unlike DWA's ratios."""
+
+    def __init__(self, temperature: float = 1.0):
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.temperature = temperature
+        self._w: torch.Tensor | None = None
+
+    def weights(self) -> torch.Tensor:
+        if self._w is None:
+            raise ValueError("no losses seen yet: call the weighting with the task losses first")
+        return self._w.clone()
+
+    def __call__(self, losses) -> torch.Tensor:
+        L = _stack(losses)
+        self._w = torch.softmax(L.detach() / self.temperature, dim=0)
+        return (self._w * L).sum()
+
+
+class _HistoryWeights:
+    """Weights computed from each task's last ``window`` losses; equal until the history is long enough."""
+
+    def __init__(self, n_tasks: int, window: int = 10):
+        if n_tasks < 1 or window < 2:
+            raise ValueError("n_tasks must be >= 1 and window >= 2")
+        self.n_tasks, self.window = n_tasks, window
+        self.history = [deque(maxlen=window) for _ in range(n_tasks)]
+        self._w = self._equal()
+
+    def _equal(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _from_history(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def update(self, losses) -> None:
+        L = _stack(losses).detach().double()
+        if len(L) != self.n_tasks:
+            raise ValueError(f"losses must hold {self.n_tasks} values, got {len(L)}")
+        for h, value in zip(self.history, L.tolist()):
+            h.append(value)
+        if len(self.history[0]) >= self.window:
+            self._w = self._from_history()
+
+    def weights(self) -> torch.Tensor:
+        return self._w.clone()
+
+    def __call__(self, losses) -> torch.Tensor:
+        L = _stack(losses)
+        return (self._w.to(L) * L).sum()
+
+
+class PerformanceBasedWeights(_HistoryWeights):
+    """The notes' "performance based" weights: a task's learning speed is minus the slope of a line through
+    its last ``window`` losses (0 if rising); weights are ``1 / (speed + 1e-6)``, normalised to sum to K.
+    A task that has stopped improving, converged or stuck, gets about a million times the weight of one
+    that is still learning."""
+
+    def _equal(self) -> torch.Tensor:
+        return torch.ones(self.n_tasks)
+
+    def _from_history(self) -> torch.Tensor:
+        x = torch.arange(self.window, dtype=torch.float64)
+        x = x - x.mean()
+        speeds = []
+        for h in self.history:
+            y = torch.tensor(list(h), dtype=torch.float64)
+            slope = float((x * (y - y.mean())).sum() / (x * x).sum())
+            speeds.append(max(-slope, 0.0))
+        inverse = 1.0 / (torch.tensor(speeds) + 1e-6)
+        return (self.n_tasks * inverse / inverse.sum()).float()
+
+
+class InverseStdWeights(_HistoryWeights):
+    """The notes' ``1 / (1 + std)`` weights over each task's last ``window`` losses, normalised to sum to
+    1. The standard deviation carries the loss's units, so the weights depend on how each loss is scaled."""
+
+    def _equal(self) -> torch.Tensor:
+        return torch.full((self.n_tasks,), 1.0 / self.n_tasks)
+
+    def _from_history(self) -> torch.Tensor:
+        stds = torch.tensor([float(torch.tensor(list(h), dtype=torch.float64).std(unbiased=False))
+                             for h in self.history])
+        w = 1.0 / (1.0 + stds)
+        return (w / w.sum()).float()
+
+
+def gradient_balance_weights(grad_norms) -> torch.Tensor:
+    """The notes' "gradient balance" weights: ``mean(G) / G_i``, normalised to sum to K, from the norms of
+    each task's gradient; tasks with small gradients get large weights."""
+    G = torch.as_tensor(grad_norms, dtype=torch.float64)
+    if G.ndim != 1 or bool((G < 0).any()) or not bool((G > 0).any()):
+        raise ValueError("grad_norms must be K non-negative norms, not all zero")
+    w = G.mean() / (G + 1e-8)
+    return (len(G) * w / w.sum()).float()
+
+
+__all__ = [
+    "DifficultyAdaptiveWeights", "DynamicWeightAverage", "FixedWeights", "GradNorm", "InverseStdWeights",
+    "PerformanceBasedWeights", "UncertaintyWeighting", "gradient_balance_weights", "gradient_cosine", "pcgrad",
+]
