@@ -35,3 +35,12 @@ def test_nanogpt_reference_loop_runs():
     run = bench.nanogpt_reference_run(seed=1337, iters=30)
     assert list(run["val_loss_every_250"]) == [0, 30]
     assert run["final_val_loss_full_split"] < run["val_loss_every_250"][0]
+
+
+def test_loss_bench_runs_small():
+    from minigpt import loss_bench
+
+    for name in ("F.cross_entropy", "minigpt softmax_focal_loss", "minigpt sft_loss sequence_mean"):
+        result = loss_bench.run_one(name, n=64, vocab=100, repeats=2)
+        assert result["seconds"] > 0 and result["seconds"] <= result["seconds_median"]
+        assert len(result["times"]) == 2

@@ -137,8 +137,10 @@ def test_weighting_and_prompt_masking():
 
 def test_bad_inputs_name_the_argument():
     logits, labels = batch()
-    with pytest.raises(ValueError, match="mask is all zero"):
+    with pytest.raises(ValueError, match="labels are all ignore_index: a fully masked batch"):
         losses.sft_loss(logits, torch.full_like(labels, -100))
+    with pytest.raises(ValueError, match="mask is all zero: a fully masked batch"):
+        losses.sequence_loss(torch.ones(2, 3), torch.zeros(2, 3, dtype=torch.bool))
     with pytest.raises(ValueError, match="labels must have shape"):
         losses.sft_loss(logits, labels[:, :-1])
     with pytest.raises(ValueError, match="labels must be an int64"):

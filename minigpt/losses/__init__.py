@@ -8,6 +8,8 @@ Modules by family; everything is importable from here:
 - ``sequence``: per-token NLL and the SFT reductions (sum, token mean, sequence mean, 1/T^alpha) with
   correct gradient-accumulation normalisation; prompt masking, token weighting, the notes' adaptive
   length penalty.
+- ``token``: cross-entropy (class weights, ignore_index, both label-smoothing conventions) and softmax
+  focal loss as lean autograd functions, plus the naive focal loss for comparison.
 - ``vae``: Gaussian KL, free bits, linear and cyclical beta schedules, active units.
 """
 
@@ -23,9 +25,11 @@ from .sequence import (
     adaptive_length_penalty_loss, mask_prompt, sequence_loss, sft_loss, token_nll, token_weights,
     weighted_token_mean,
 )
+from .token import cross_entropy, naive_softmax_focal_loss, softmax_focal_loss
 from .vae import FreeBitsKL, active_units, cyclical_beta, free_bits_kl, gaussian_kl, linear_beta
 
 __all__ = [
+    "cross_entropy", "naive_softmax_focal_loss", "softmax_focal_loss",
     "FreeBitsKL", "active_units", "cyclical_beta", "free_bits_kl", "gaussian_kl", "linear_beta",
     "bce_with_logits", "dice_loss", "distillation_loss", "exponential_loss", "hinge_loss", "info_nce_loss",
     "multi_margin_loss", "sigmoid_focal_loss", "squared_hinge_loss",

@@ -23,7 +23,8 @@ hold different counts (the 2024 fix in Hugging Face's trainer, ``num_items_in_ba
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+
+from .token import cross_entropy
 
 IGNORE_INDEX = -100
 REDUCTIONS = ("sum", "token_mean", "sequence_mean", "length_normalized")
@@ -52,8 +53,11 @@ def token_nll(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int =
         raise ValueError(f"labels hold ids outside [0, {V}) other than ignore_index={ignore_index}: "
                          f"{labels[bad][:5].tolist()}")
     B, T = labels.shape
-    return F.cross_entropy(logits.reshape(B * T, V), labels.reshape(B * T), ignore_index=ignore_index,
-                           reduction="none").view(B, T)
+    if not bool((labels != ignore_index).any()):
+        raise ValueError("labels are all ignore_index: a fully masked batch has no tokens to take a loss on")
+    # the lean cross-entropy: it keeps no (B*T, V) log-softmax for the backward pass
+    return cross_entropy(logits.reshape(B * T, V), labels.reshape(B * T), ignore_index=ignore_index,
+                         reduction="none").view(B, T)
 
 
 def _check_losses_and_mask(token_losses: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
