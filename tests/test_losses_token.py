@@ -127,3 +127,12 @@ def test_bad_inputs_name_the_argument():
         losses.softmax_focal_loss(x, y, gamma=-0.5)
     with pytest.raises(ValueError, match="input must be a floating"):
         losses.cross_entropy(x.view(4, 10, 9), y)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), C=st.integers(2, 30), scale=st.floats(0.1, 50.0), weighted=st.booleans())
+def test_focal_with_gamma_zero_is_cross_entropy_property(seed, C, scale, weighted):
+    x, y, w = data(C=C, scale=scale, seed=seed)
+    alpha = w if weighted else None
+    torch.testing.assert_close(losses.softmax_focal_loss(x, y, gamma=0.0, alpha=alpha),
+                               F.cross_entropy(x, y, weight=alpha))
