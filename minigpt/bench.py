@@ -36,6 +36,9 @@ import torch
 import torch.nn.functional as F
 
 
+BATCH_SIZE, BLOCK_SIZE = 12, 64  # nanoGPT's CPU configuration
+
+
 def _quantiles(values: list[float]) -> dict:
     q = statistics.quantiles(values, n=4)
     return {"median": statistics.median(values), "q1": q[0], "q3": q[2]}
@@ -92,21 +95,17 @@ def nanogpt_reference_run(seed: int, iters: int = 2000) -> dict:
     """
     from .data import load_shakespeare, random_blocks
     from .model import GPT, GPTConfig
-    from .train import TrainConfig, lr_at
+    from .train import TrainConfig, configure_optimizer, lr_at
 
     corpus = load_shakespeare()
     cfg = TrainConfig(max_iters=iters)
     torch.manual_seed(seed)
     model = GPT(GPTConfig(vocab_size=corpus.vocab_size))
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}],
-                            lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2))
+    opt = configure_optimizer(model, cfg, fused=False)  # nanoGPT fuses AdamW on CUDA only
     splits = {"train": corpus.train, "val": corpus.val}
 
     def batch(split):  # generator=None: the global RNG, as nanoGPT's get_batch
-        return random_blocks(splits[split], 12, 64)
+        return random_blocks(splits[split], BATCH_SIZE, BLOCK_SIZE)
 
     @torch.no_grad()
     def estimate(split):
@@ -135,7 +134,7 @@ def nanogpt_reference_run(seed: int, iters: int = 2000) -> dict:
         "seed": seed,
         "val_loss_every_250": val_every_250,
         "final_val_loss_20_batches": val_every_250[iters],
-        "final_val_loss_full_split": full_val_loss(model, corpus.val, 64),
+        "final_val_loss_full_split": full_val_loss(model, corpus.val, BLOCK_SIZE),
     }
 
 
@@ -150,7 +149,7 @@ def run_one(threads: int, iters: int, seed: int, bare_iters: int) -> dict:
     model_cfg = GPTConfig(vocab_size=corpus.vocab_size)
     train_cfg = TrainConfig(max_iters=iters, eval_interval=250, eval_iters=20,
                             seed=seed, progress=False)
-    get_batch = corpus.batch_fn(batch_size=12, block_size=model_cfg.block_size)
+    get_batch = corpus.batch_fn(batch_size=BATCH_SIZE, block_size=model_cfg.block_size)
     torch.manual_seed(seed)
     model = GPT(model_cfg)
 
@@ -160,7 +159,7 @@ def run_one(threads: int, iters: int, seed: int, bare_iters: int) -> dict:
 
     steady = [1000 * s for s in result.history.seconds[50:]]
     ms = _quantiles(steady)
-    tokens_per_update = 12 * model_cfg.block_size
+    tokens_per_update = BATCH_SIZE * model_cfg.block_size
     # Time relative to nanoGPT's bare loop measured alongside: the machine's speed cancels out.
     ratio = (ms["median"] / ((bare_before["median"] + bare_after["median"]) / 2)) if bare_iters else None
     return {

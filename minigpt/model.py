@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from .losses._checks import IGNORE_INDEX
 
 # A token-level loss with torch.nn.functional's calling convention:
 #     loss_fn(input (N, V) logits, target (N,) int64, reduction="mean"|"sum"|"none") -> tensor

@@ -99,7 +99,7 @@ def lr_at(step: int, config: TrainConfig) -> float:
     return config.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (config.learning_rate - config.min_lr)
 
 
-def configure_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+def configure_optimizer(model: nn.Module, config: TrainConfig, fused: bool = True) -> torch.optim.AdamW:
     """AdamW with two groups: weight decay on every parameter with 2 or more dimensions (matrices,
     embeddings), none on vectors (biases, LayerNorm gains), whose decay would only fight the
     normalisation they implement."""
@@ -111,6 +111,8 @@ def configure_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Ad
         {"params": no_decay, "weight_decay": 0.0},
     ]
     betas = (config.beta1, config.beta2)
+    if not fused:
+        return torch.optim.AdamW(groups, lr=config.learning_rate, betas=betas)
     # The fused kernel updates every parameter in one pass instead of several elementwise passes per
     # tensor: about 2 ms of a 43 ms CPU step at the small scale. Same algorithm, same hyperparameters.
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 REDUCTIONS = ("mean", "sum", "none")
+IGNORE_INDEX = -100  # the label of a position that takes no loss, as in torch.nn.functional
 
 
 def check_reduction(reduction: str) -> None:

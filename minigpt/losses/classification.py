@@ -129,7 +129,7 @@ def sigmoid_focal_loss(input: torch.Tensor, target: torch.Tensor, *, alpha: floa
         raise ValueError(f"gamma must be >= 0, got {gamma}")
     if alpha > 1:
         raise ValueError(f"alpha must be <= 1 (negative disables it), got {alpha}")
-    bce = target * F.softplus(-input) + (1 - target) * F.softplus(input)
+    bce = bce_with_logits(input, target, reduction="none")
     if gamma > 0:
         # log(1 - p_t) = log(t (1 - p) + (1 - t) p), each term in log space (log 0 = -inf is fine here)
         log_one_minus_pt = torch.logaddexp(torch.log(target) + F.logsigmoid(-input),

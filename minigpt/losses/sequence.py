@@ -24,9 +24,8 @@ from __future__ import annotations
 
 import torch
 
-from .token import cross_entropy
-
-IGNORE_INDEX = -100
+from ._checks import IGNORE_INDEX
+from .token import _cross_entropy
 REDUCTIONS = ("sum", "token_mean", "sequence_mean", "length_normalized")
 
 
@@ -55,9 +54,9 @@ def token_nll(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int =
     B, T = labels.shape
     if not bool((labels != ignore_index).any()):
         raise ValueError("labels are all ignore_index: a fully masked batch has no tokens to take a loss on")
-    # the lean cross-entropy: it keeps no (B*T, V) log-softmax for the backward pass
-    return cross_entropy(logits.reshape(B * T, V), labels.reshape(B * T), ignore_index=ignore_index,
-                         reduction="none").view(B, T)
+    # the lean cross-entropy (no (B*T, V) log-softmax kept for backward), without checking labels again
+    flat = labels.reshape(B * T)
+    return _cross_entropy(logits.reshape(B * T, V), flat, flat != ignore_index, None, 0.0, "none").view(B, T)
 
 
 def _check_losses_and_mask(token_losses: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

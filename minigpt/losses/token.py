@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 
-IGNORE_INDEX = -100
+from ._checks import IGNORE_INDEX, check_reduction
+
 _CHUNK_ROWS = 1024
 
 
@@ -113,8 +114,12 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, *, weight: torch.Te
         label_smoothing = label_smoothing * C / (C - 1)
     elif smoothing_convention != "uniform":
         raise ValueError(f"smoothing_convention must be 'uniform' or 'others', got {smoothing_convention!r}")
-    if reduction not in ("mean", "sum", "none"):
-        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    check_reduction(reduction)
+    return _cross_entropy(input, target, kept, weight, label_smoothing, reduction)
+
+
+def _cross_entropy(input, target, kept, weight, label_smoothing, reduction):
+    """:func:`cross_entropy` on arguments already checked (``kept``: the rows that take a loss)."""
     y_safe = torch.where(kept, target, torch.zeros_like(target))
     if reduction == "mean":
         denom = kept.sum() if weight is None else weight[y_safe][kept].sum()
@@ -173,8 +178,7 @@ def softmax_focal_loss(input: torch.Tensor, target: torch.Tensor, *, gamma: floa
     kept = _check(input, target, ignore_index, alpha)
     if not gamma >= 0:
         raise ValueError(f"gamma must be >= 0, got {gamma}")
-    if reduction not in ("mean", "sum", "none"):
-        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    check_reduction(reduction)
     y_safe = torch.where(kept, target, torch.zeros_like(target))
     alpha_y = torch.ones_like(input[:, 0]).detach() if alpha is None else alpha[y_safe].to(input.dtype)
     keep = kept.to(input.dtype)
