@@ -3,9 +3,10 @@
 Modules: ``config`` (scale, seeds, device, threads), ``data`` (tiny Shakespeare, scikit-learn sets),
 ``model`` (the GPT), ``train`` (the shared training loop), ``losses`` (loss functions),
 ``multitask`` (multi-task loss weighting),
-``metrics`` (accuracy, F1, PR-AUC, calibration, interval coverage), ``diagnostics`` (reading loss
-curves), ``experiments`` (runs over seeds, intervals, paired comparisons, tables), ``report`` (glued
-prose for the chapters),
+``metrics`` (accuracy, F1, PR-AUC, calibration, interval coverage), ``diagnostics`` (loss curves,
+gradient and weight statistics, a text report, LR range test, loss landscapes, label noise),
+``experiments`` (runs over seeds, intervals, paired comparisons, tables), ``report`` (glued prose for
+the chapters),
 ``bench`` (throughput and quality benchmark against nanoGPT's loop).
 """
 

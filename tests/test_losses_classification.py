@@ -137,6 +137,47 @@ def test_distillation_matches_kl_div(T):
     assert losses.distillation_loss(s, s, temperature=T).abs().item() < 1e-12  # KL(p || p) = 0
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", ["batchmean", "sum", "none"])
+@pytest.mark.parametrize("log_target", [False, True])
+def test_kl_div_matches_torch(dtype, reduction, log_target):
+    g = torch.Generator().manual_seed(3)
+    logq = F.log_softmax(torch.randn(12, 7, generator=g, dtype=torch.float64) * 3, 1).to(dtype)
+    p = F.softmax(torch.randn(12, 7, generator=g, dtype=torch.float64) * 3, 1)
+    p[0, :] = 0.0
+    p[0, 2] = 1.0  # a one-hot row: its zero entries must count 0, not NaN
+    target = (p.log() if log_target else p).to(dtype)
+    got, g_got = grad_of(losses.kl_div, logq, target, reduction=reduction, log_target=log_target)
+    assert torch.isfinite(got).all() and torch.isfinite(g_got).all()
+    want, g_want = grad_of(F.kl_div, logq, target, reduction=reduction, log_target=log_target)
+    if log_target:
+        # F.kl_div gives NaN where log p = -inf (0 * inf); compare on the other rows, and the one-hot row
+        # with the same divergence given as probabilities
+        assert torch.isnan(F.kl_div(logq, target, reduction="none", log_target=True)[0]).any()
+        rows = slice(1, None)
+        nolog, g_nolog = grad_of(losses.kl_div, logq, p.to(dtype), reduction=reduction)
+        torch.testing.assert_close(got, nolog, **TOL[dtype])
+        torch.testing.assert_close(g_got, g_nolog, **TOL[dtype])
+        want, g_want = grad_of(F.kl_div, logq[rows], target[rows], reduction="none", log_target=True)
+        got, g_got = grad_of(losses.kl_div, logq[rows], target[rows], reduction="none", log_target=True)
+    torch.testing.assert_close(got, want, **TOL[dtype])
+    torch.testing.assert_close(g_got, g_want, **TOL[dtype])
+
+
+def test_kl_div_refuses_its_traps():
+    logq = F.log_softmax(torch.randn(4, 3), 1)
+    p = F.softmax(torch.randn(4, 3), 1)
+    with pytest.raises(ValueError, match="'mean' averages over classes"):
+        losses.kl_div(logq, p, reduction="mean")
+    with pytest.raises(ValueError, match="input must hold log-probabilities"):
+        losses.kl_div(p, logq.exp())  # the argument order swapped: probabilities where log q belongs
+    with pytest.raises(ValueError, match="target must hold probabilities"):
+        losses.kl_div(logq, logq)  # log-probabilities without log_target=True
+    with pytest.raises(ValueError, match="shape"):
+        losses.kl_div(logq, p[:, :2])
+    assert float(losses.kl_div(logq, logq.exp())) == pytest.approx(0.0, abs=1e-7)
+
+
 @pytest.mark.parametrize("spatial", [(8,), (6, 5), (3, 4, 5)])
 def test_dice_any_spatial_dims(spatial):
     g = torch.Generator().manual_seed(6)

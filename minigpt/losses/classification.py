@@ -4,6 +4,8 @@ chapter 3)."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -140,6 +142,41 @@ def sigmoid_focal_loss(input: torch.Tensor, target: torch.Tensor, *, alpha: floa
     if alpha >= 0:
         loss = (alpha * target + (1 - alpha) * (1 - target)) * loss
     return reduce(loss, reduction)
+
+
+def kl_div(input: torch.Tensor, target: torch.Tensor, *, reduction: str = "batchmean",
+           log_target: bool = False) -> torch.Tensor:
+    """Kullback-Leibler divergence ``KL(p || q) = sum p (log p - log q)`` with ``F.kl_div``'s argument order:
+    ``input`` is the model's **log**-probabilities ``log q``, ``target`` the reference distribution ``p``.
+
+    Terms with ``p = 0`` contribute 0 (``0 log 0 = 0``). Pass ``log_target=True`` to give ``log p``; then
+    ``log p = -inf`` also contributes 0, where ``F.kl_div(log_target=True)`` returns NaN.
+
+    Args:
+        input: (N, ..., C) log-probabilities, e.g. ``log_softmax(logits, -1)``; every entry must be <= 0.
+        target: same shape, probabilities (>= 0) or, with ``log_target``, log-probabilities.
+        reduction: ``"batchmean"`` (sum / N: the KL per example, the true divergence for 2-D input),
+            ``"sum"`` or ``"none"``. ``F.kl_div``'s ``"mean"`` divides by the number of *elements* (N x C),
+            which is not a KL; it is refused here.
+    """
+    check_float_pair(input, target)
+    if reduction not in ("batchmean", "sum", "none"):
+        raise ValueError(f"reduction must be 'batchmean', 'sum' or 'none', got {reduction!r}"
+                         + (" ('mean' averages over classes too, which is not a KL; use 'batchmean')"
+                            if reduction == "mean" else ""))
+    if bool((input > 1e-6).any()):
+        raise ValueError("input must hold log-probabilities (<= 0): pass log_softmax(logits), not logits or probabilities")
+    if log_target:
+        # log p = -inf is p = 0, whose term is 0; F.kl_div returns NaN there (0 * inf)
+        pointwise = torch.where(target == -math.inf, 0.0, target.exp() * (target - input))
+    else:
+        if bool((target < 0).any()):
+            raise ValueError("target must hold probabilities (>= 0); pass log_target=True for log-probabilities")
+        pointwise = torch.xlogy(target, target) - target * input
+    if reduction == "none":
+        return pointwise
+    total = pointwise.sum()
+    return total / input.shape[0] if reduction == "batchmean" else total
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temperature: float = 1.0,
