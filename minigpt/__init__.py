@@ -1,7 +1,8 @@
 """minigpt: the small PyTorch package behind *Loss Functions, Measured*.
 
 Modules: ``config`` (scale, seeds, device, threads), ``data`` (tiny Shakespeare, scikit-learn sets),
-``model`` (the GPT), ``train`` (the shared training loop), ``losses`` (loss functions),
+``model`` (the GPT), ``train`` (the shared training loop), ``tabular`` (small models fitted
+full-batch on the scikit-learn sets), ``losses`` (loss functions),
 ``multitask`` (multi-task loss weighting),
 ``metrics`` (accuracy, F1, PR-AUC, calibration, interval coverage), ``diagnostics`` (loss curves,
 gradient and weight statistics, a text report, LR range test, loss landscapes, label noise),

@@ -291,3 +291,39 @@ def load_digits(fractions=(0.6, 0.2, 0.2), split_seed: int = 0, dtype=torch.floa
     ds = _load()
     return _tabular("digits", ds.data, ds.target, ds.feature_names, "classification",
                     fractions, split_seed, dtype)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Corruption models: known, stated damage to clean data, so that robustness can be measured
+
+
+def corrupt_targets(y: torch.Tensor, rate: float, generator: torch.Generator, *, low: float = 5.0,
+                    high: float = 15.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gross errors in regression targets: a random ``rate`` share of the entries (rounded to the nearest
+    count) get an offset drawn uniformly from ``[low, high]`` added, always upward (a one-sided error
+    such as a misplaced decimal point or a unit mix-up). In standardized targets the offsets are in
+    standard deviations.
+
+    Args:
+        y: (N,) or (B, N) floating targets; with B rows, each row is corrupted independently.
+    Returns:
+        The corrupted copy and a boolean mask of the corrupted entries, both shaped like ``y``.
+    """
+    if not isinstance(y, torch.Tensor) or not y.is_floating_point() or y.dim() not in (1, 2):
+        raise ValueError(f"y must be a floating tensor of shape (N,) or (B, N), got {getattr(y, 'shape', type(y))}")
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"rate must lie in [0, 1], got {rate}")
+    if not 0.0 <= low <= high:
+        raise ValueError(f"need 0 <= low <= high, got low={low}, high={high}")
+    rows = y if y.dim() == 2 else y[None]
+    n = rows.shape[1]
+    k = int(round(rate * n))
+    mask = torch.zeros(rows.shape, dtype=torch.bool)
+    offsets = torch.zeros(rows.shape, dtype=y.dtype)
+    for b in range(rows.shape[0]):
+        idx = torch.randperm(n, generator=generator)[:k]
+        mask[b, idx] = True
+        offsets[b, idx] = low + (high - low) * torch.rand(k, generator=generator, dtype=y.dtype)
+    out = rows + offsets.to(y.device)
+    mask = mask.to(y.device)
+    return (out, mask) if y.dim() == 2 else (out[0], mask[0])

@@ -32,3 +32,8 @@ def join_words(items) -> str:
     if not words:
         return ""
     return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
+
+
+def percent(fraction: float, digits: int = 0) -> str:
+    """``0.2`` -> ``"20%"``: a fraction as a percentage, for labels and glued phrases."""
+    return f"{100 * float(fraction):.{digits}f}" + "%"
