@@ -38,7 +38,7 @@ def mean_ci(values, confidence: float = 0.95) -> MeanCI:
         raise ValueError("values must all be finite")
     mean = sum(xs) / n
     sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1))
-    half = stats.t.ppf(0.5 + confidence / 2, df=n - 1) * sd / math.sqrt(n)
+    half = float(stats.t.ppf(0.5 + confidence / 2, df=n - 1)) * sd / math.sqrt(n)  # plain floats glue cleanly
     return MeanCI(mean, mean - half, mean + half, n, confidence)
 
 

@@ -23,6 +23,7 @@ def test_mean_ci():
     assert ci.mean == 2.0 and ci.n == 3
     assert ci.half_width == pytest.approx(4.302653 / 3 ** 0.5, rel=1e-6)
     assert mean_ci([5.0, 5.0]).half_width == 0.0
+    assert all(type(v) is float for v in (ci.mean, ci.low, ci.high, ci.half_width))  # glue needs plain floats
     with pytest.raises(ValueError, match="at least 2"):
         mean_ci([1.0])
     with pytest.raises(ValueError, match="confidence"):

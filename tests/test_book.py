@@ -37,7 +37,9 @@ def built_book(executed_chapters):
     log = ROOT / "_build" / "book-build.log"
     log.parent.mkdir(exist_ok=True)
     with open(log, "w") as out:
-        proc = subprocess.run([str(jupyter_book), "build", "-W", "--keep-going", str(ROOT)],
+        # --all: Sphinx re-reads only pages whose source changed, so without it a chapter re-executed
+        # because minigpt changed would keep the glued values of its previous build
+        proc = subprocess.run([str(jupyter_book), "build", "--all", "-W", "--keep-going", str(ROOT)],
                               stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, timeout=60 * 60)
     text = log.read_text()
     if proc.returncode != 0:
