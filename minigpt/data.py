@@ -327,3 +327,105 @@ def corrupt_targets(y: torch.Tensor, rate: float, generator: torch.Generator, *,
     out = rows + offsets.to(y.device)
     mask = mask.to(y.device)
     return (out, mask) if y.dim() == 2 else (out[0], mask[0])
+
+
+def flip_labels(y: torch.Tensor, rate: float, generator: torch.Generator, n_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric label noise: a random ``rate`` share of the labels (rounded to the nearest count) is
+    replaced by a different class drawn uniformly (for two classes: flipped).
+
+    Args:
+        y: (N,) or (B, N) int64 labels in [0, n_classes); with B rows, each row independently.
+    Returns:
+        The noisy copy and a boolean mask of the changed entries.
+    """
+    if not isinstance(y, torch.Tensor) or y.dtype != torch.int64 or y.dim() not in (1, 2):
+        raise ValueError(f"y must be an int64 tensor of shape (N,) or (B, N), got {getattr(y, 'dtype', type(y))}")
+    if n_classes < 2 or bool((y < 0).any()) or bool((y >= n_classes).any()):
+        raise ValueError(f"y must hold labels in [0, {n_classes - 1}] with n_classes >= 2")
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"rate must lie in [0, 1], got {rate}")
+    rows = (y if y.dim() == 2 else y[None]).clone()
+    n = rows.shape[1]
+    k = int(round(rate * n))
+    mask = torch.zeros(rows.shape, dtype=torch.bool)
+    for b in range(rows.shape[0]):
+        idx = torch.randperm(n, generator=generator)[:k]
+        shift = torch.randint(1, n_classes, (k,), generator=generator)  # never 0: always another class
+        rows[b, idx] = (rows[b, idx] + shift) % n_classes
+        mask[b, idx] = True
+    return (rows, mask) if y.dim() == 2 else (rows[0], mask[0])
+
+
+def keep_minority(y: torch.Tensor, minority: int, ratio: float, generator: torch.Generator) -> torch.Tensor:
+    """Indices that make a training set imbalanced: every example of the other classes, and of class
+    ``minority`` only enough to leave one minority example per ``ratio`` majority examples (at least 1).
+
+    Args:
+        y: (N,) int64 labels. ratio: majority examples per minority example, e.g. 20 for 1:20.
+    Returns:
+        Sorted (M,) int64 indices into ``y``. The count is the same for every generator, so splits of
+        equal class counts (stratified) stack into one batch of problems.
+    """
+    if y.dim() != 1 or y.dtype != torch.int64:
+        raise ValueError("y must be a 1-D int64 tensor of labels")
+    if not ratio >= 1:
+        raise ValueError(f"ratio must be >= 1, got {ratio}")
+    minority_idx = torch.nonzero(y == minority).flatten()
+    majority_idx = torch.nonzero(y != minority).flatten()
+    keep = max(1, int(round(len(majority_idx) / ratio)))
+    if keep > len(minority_idx):
+        raise ValueError(f"class {minority} has {len(minority_idx)} examples, fewer than the {keep} that ratio {ratio} needs")
+    chosen = minority_idx[torch.randperm(len(minority_idx), generator=generator)[:keep]]
+    return torch.sort(torch.cat([majority_idx, chosen])).values
+
+
+def blob_segmentation(n: int, size: int, generator: torch.Generator, *, empty_fraction: float = 0.3,
+                      radius=(1.5, 4.0), noise: float = 0.6) -> tuple[torch.Tensor, torch.Tensor]:
+    """A synthetic segmentation task with known ground truth: ``size`` x ``size`` images of Gaussian noise
+    (standard deviation ``noise``) plus, in a share ``1 - empty_fraction`` of them, one disc of
+    brightness 1 at a random centre with a random radius in ``radius``; the mask is the disc. The other
+    images are noise only, with an empty mask.
+
+    Returns:
+        images (n, 1, size, size) float32 and masks (n, 1, size, size) float32 in {0, 1}.
+    """
+    if n < 1 or size < 4:
+        raise ValueError(f"need n >= 1 and size >= 4, got n={n}, size={size}")
+    if not 0.0 <= empty_fraction <= 1.0:
+        raise ValueError(f"empty_fraction must lie in [0, 1], got {empty_fraction}")
+    yy, xx = torch.meshgrid(torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32),
+                            indexing="ij")
+    centres = torch.rand(n, 2, generator=generator) * (size - 1)
+    radii = radius[0] + (radius[1] - radius[0]) * torch.rand(n, generator=generator)
+    has_blob = torch.rand(n, generator=generator) >= empty_fraction
+    dist2 = (yy[None] - centres[:, 0, None, None]) ** 2 + (xx[None] - centres[:, 1, None, None]) ** 2
+    masks = ((dist2 <= radii[:, None, None] ** 2) & has_blob[:, None, None]).float()
+    images = masks + noise * torch.randn(n, size, size, generator=generator)
+    return images[:, None], masks[:, None]
+
+
+def load_digit_images() -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn's digits as raw images: (1797, 8, 8) float32 pixel intensities 0-16, and (1797,)
+    int64 labels (for augmentations that move pixels, which standardized features cannot)."""
+    from sklearn.datasets import load_digits as _load
+
+    ds = _load()
+    return torch.as_tensor(ds.images, dtype=torch.float32), torch.as_tensor(ds.target, dtype=torch.int64)
+
+
+def digit_view(images: torch.Tensor, generator: torch.Generator, *, max_shift: int = 1,
+               noise: float = 2.0) -> torch.Tensor:
+    """One random augmented view of (N, 8, 8) digit images: each shifted by up to ``max_shift`` pixels in
+    each direction (zeros shifted in), plus Gaussian pixel noise of standard deviation ``noise``; returned
+    flattened and scaled to (N, 64) with pixel values divided by 16."""
+    if images.dim() != 3:
+        raise ValueError(f"images must have shape (N, H, W), got {tuple(images.shape)}")
+    n, h, w = images.shape
+    pad = torch.nn.functional.pad(images, (max_shift,) * 4)
+    dy = torch.randint(0, 2 * max_shift + 1, (n,), generator=generator)
+    dx = torch.randint(0, 2 * max_shift + 1, (n,), generator=generator)
+    rows = (dy[:, None] + torch.arange(h)[None])[:, :, None].expand(n, h, w)
+    cols = (dx[:, None] + torch.arange(w)[None])[:, None, :].expand(n, h, w)
+    shifted = pad[torch.arange(n)[:, None, None], rows, cols]
+    out = shifted + noise * torch.randn(n, h, w, generator=generator)
+    return (out / 16).reshape(n, h * w)

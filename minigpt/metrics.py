@@ -147,3 +147,28 @@ def quantile_crossing_rate(predictions: torch.Tensor) -> float:
         raise ValueError("predictions must be a tensor of shape (N, Q) with Q >= 2")
     crossed = (torch.diff(predictions, dim=1) < 0).any(dim=1)
     return crossed.double().mean().item()
+
+
+def dice_score(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-example Dice coefficient ``2 |P and T| / (|P| + |T|)`` of binary masks of shape (N, ...), summed
+    over every non-batch dimension; an example where both masks are empty scores 1 (a perfect
+    "nothing here")."""
+    if not isinstance(prediction, torch.Tensor) or prediction.shape != target.shape or prediction.dim() < 2:
+        raise ValueError(f"prediction must be a tensor of the shape of target {tuple(target.shape)}, with a batch dimension")
+    for name, t in (("prediction", prediction), ("target", target)):
+        if not bool(((t == 0) | (t == 1)).all()):
+            raise ValueError(f"{name} must hold a binary mask (0/1)")
+    p, t = prediction.flatten(1).double(), target.flatten(1).double()
+    total = p.sum(1) + t.sum(1)
+    return torch.where(total > 0, 2 * (p * t).sum(1) / total.clamp_min(1), torch.ones_like(total))
+
+
+def retrieval_accuracy(queries: torch.Tensor, keys: torch.Tensor) -> float:
+    """Share of queries whose most cosine-similar key is their own (row i of ``keys`` belongs to row i of
+    ``queries``), both of shape (N, D): top-1 retrieval of an example's other view among N candidates."""
+    if not isinstance(queries, torch.Tensor) or queries.shape != keys.shape or queries.dim() != 2:
+        raise ValueError(f"queries and keys must be tensors of one shape (N, D), got {tuple(queries.shape)} "
+                         f"and {tuple(keys.shape)}")
+    q = torch.nn.functional.normalize(queries.double(), dim=1)
+    k = torch.nn.functional.normalize(keys.double(), dim=1)
+    return ((q @ k.T).argmax(1) == torch.arange(len(q), device=q.device)).double().mean().item()

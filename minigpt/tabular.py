@@ -46,8 +46,41 @@ class Linear(nn.Module):
         return out.squeeze(-1) if self.n_outputs == 1 else out
 
 
+class MLP(nn.Module):
+    """One hidden ReLU layer: ``relu(X @ W1 + b1) @ W2 + b2``, initialised as ``nn.Linear`` is (uniform in
+    ``+-1/sqrt(fan_in)``) from ``generator``, so a seed fixes the initial weights. Shapes as in
+    :class:`Linear`, including ``problems=B`` for B independent networks side by side (each drawn
+    from the generator in turn)."""
+
+    def __init__(self, n_features: int, hidden: int, n_outputs: int = 1, *, problems: int | None = None,
+                 generator: torch.Generator | None = None, dtype: torch.dtype = torch.float64):
+        super().__init__()
+        if min(n_features, hidden, n_outputs) < 1 or (problems is not None and problems < 1):
+            raise ValueError(f"n_features, hidden, n_outputs and problems must be positive, got {n_features}, "
+                             f"{hidden}, {n_outputs}, {problems}")
+        self.n_features, self.n_outputs, self.problems = n_features, n_outputs, problems
+        lead = () if problems is None else (problems,)
+
+        def uniform(*shape, fan_in):
+            bound = 1 / math.sqrt(fan_in)
+            return nn.Parameter((torch.rand(*lead, *shape, generator=generator, dtype=dtype) * 2 - 1) * bound)
+
+        self.w1, self.b1 = uniform(n_features, hidden, fan_in=n_features), uniform(1, hidden, fan_in=n_features)
+        self.w2, self.b2 = uniform(hidden, n_outputs, fan_in=hidden), uniform(1, n_outputs, fan_in=hidden)
+
+    def forward(self, X: torch.Tensor) -> torch.Tensor:
+        batched = self.problems is not None
+        if X.dim() != (3 if batched else 2) or X.shape[-1] != self.n_features or (batched and X.shape[0] != self.problems):
+            shape = "(N, F)" if not batched else f"({self.problems}, N, F)"
+            raise ValueError(f"X must have shape {shape} with F = {self.n_features}, got {tuple(X.shape)}")
+        b1, b2 = (self.b1, self.b2) if batched else (self.b1[0], self.b2[0])
+        out = torch.relu(X @ self.w1 + b1) @ self.w2 + b2
+        return out.squeeze(-1) if self.n_outputs == 1 else out
+
+
 def fit_full_batch(model: nn.Module, X: torch.Tensor, y: torch.Tensor, loss_fn: LossOnOutputs, *,
-                   steps: int = 1000, lr: float = 0.05, weight_decay: float = 0.0) -> list[float]:
+                   steps: int = 1000, lr: float = 0.05, weight_decay: float = 0.0,
+                   callback: Callable[[int, nn.Module], None] | None = None, callback_every: int = 1) -> list[float]:
     """Minimise the mean of ``loss_fn(model(X), y)`` by full-batch Adam (AdamW when ``weight_decay`` > 0),
     the learning rate decaying from ``lr`` to 0 along a half cosine, which lets non-smooth losses (MAE,
     pinball) settle instead of hopping around their kink. Returns the objective before each step.
@@ -61,6 +94,8 @@ def fit_full_batch(model: nn.Module, X: torch.Tensor, y: torch.Tensor, loss_fn: 
         X: (N, F) features, or (B, N, F). y: targets in the shape ``loss_fn`` takes.
         loss_fn: per-example losses, ``reduction="none"``, e.g.
             ``lambda out, t: huber_loss(out, t, delta=0.5, reduction="none")``: shape (N, ...) or (B, N, ...).
+        callback: called as ``callback(step, model)`` before the update of every ``callback_every``-th step
+            and once after the last (``step == steps``), to record how training goes.
     """
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive int, got {steps!r}")
@@ -69,6 +104,8 @@ def fit_full_batch(model: nn.Module, X: torch.Tensor, y: torch.Tensor, loss_fn: 
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     history = []
     for step in range(steps):
+        if callback is not None and step % callback_every == 0:
+            callback(step, model)
         for group in opt.param_groups:
             group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
         opt.zero_grad(set_to_none=True)
@@ -78,8 +115,55 @@ def fit_full_batch(model: nn.Module, X: torch.Tensor, y: torch.Tensor, loss_fn: 
         batched = getattr(model, "problems", None) is not None
         loss = per_example.flatten(1).mean(1).sum() if batched else per_example.mean()
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"the loss became {float(loss)} at step {step}; lower lr ({lr})")
+            raise FloatingPointError(f"the loss became {float(loss.detach())} at step {step}; lower lr ({lr})")
         loss.backward()
         opt.step()
         history.append(float(loss.detach()))
+    if callback is not None:
+        callback(steps, model)
     return history
+
+
+def fit_minibatch(model: nn.Module, batch_loss: Callable[[nn.Module, torch.Generator], torch.Tensor], *,
+                  steps: int, lr: float = 1e-2, seed: int = 0) -> list[float]:
+    """Minimise ``batch_loss(model, generator)``, a scalar on a batch the function draws with the
+    generator it is given (seeded by ``seed``), by Adam at a constant learning rate. Returns the loss of
+    every step. For models too large, or losses too batch-shaped (contrastive), for full batches."""
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
+    history = []
+    for step in range(steps):
+        loss = batch_loss(model, gen)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"the loss became {float(loss.detach())} at step {step}; lower lr ({lr})")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        history.append(float(loss.detach()))
+    model.eval()
+    return history
+
+
+class SegmentationNet(nn.Module):
+    """A small fully convolutional network for (N, 1, H, W) images: two 3x3 convolutions with ReLU (the
+    second dilated, for a 7x7 receptive field) and a 1x1 convolution to one logit per pixel. ``seed``
+    fixes the initial weights without disturbing the global random state."""
+
+    def __init__(self, channels: int = 8, seed: int = 0):
+        super().__init__()
+        gen_state = torch.random.get_rng_state()
+        torch.manual_seed(seed)  # nn.Conv2d draws its initial weights from the global generator
+        self.layers = nn.Sequential(
+            nn.Conv2d(1, channels, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(channels, channels, 3, padding=2, dilation=2), nn.ReLU(),
+            nn.Conv2d(channels, 1, 1),
+        )
+        torch.random.set_rng_state(gen_state)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dim() != 4 or images.shape[1] != 1:
+            raise ValueError(f"images must have shape (N, 1, H, W), got {tuple(images.shape)}")
+        return self.layers(images)

@@ -235,3 +235,27 @@ def test_bad_inputs_name_the_argument():
     with pytest.raises(ValueError, match="spatial"):
         losses.dice_loss(torch.zeros(2, 3), torch.zeros(2, 3))
     assert math.isfinite(losses.exponential_loss(torch.tensor([5.0]), torch.tensor([1.0])).item())
+
+
+def test_neighbour_info_nce_marks_rows_around_each_row():
+    """The notes' loss: with features that make rows i-1 and i+1 identical to row i and every other row
+    orthogonal, it is as small as it gets; the positives are neighbours, whatever they hold."""
+    n = 6
+    base = torch.eye(3, dtype=torch.float64)
+    # rows 0..5 = e0, e0, e1, e1, e2, e2: row 1's neighbours are rows 0 (same) and 2 (different)
+    feats = base.repeat_interleave(2, dim=0)
+    loss = losses.neighbour_info_nce_loss(feats, temperature=0.1)
+    # by hand: row i's log-probability of its two neighbours, with self excluded from the denominator
+    z = F.normalize(feats, dim=1)
+    sim = z @ z.T / 0.1
+    sim.fill_diagonal_(-math.inf)
+    logp = sim - torch.logsumexp(sim, 1, keepdim=True)
+    idx = torch.arange(n)
+    want = -torch.logsumexp(torch.stack([logp[idx, (idx - 1) % n], logp[idx, (idx + 1) % n]], 1), 1).mean()
+    torch.testing.assert_close(loss, want)
+    x = torch.randn(8, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda f: losses.neighbour_info_nce_loss(f, temperature=0.5), (x,))
+    with pytest.raises(ValueError, match="features"):
+        losses.neighbour_info_nce_loss(torch.zeros(2, 4))
+    with pytest.raises(ValueError, match="temperature"):
+        losses.neighbour_info_nce_loss(torch.zeros(4, 4), temperature=0.0)

@@ -87,3 +87,105 @@ def test_corrupt_targets_does_what_it_says():
 
 def test_percent():
     assert percent(0.2) == "20%" and percent(0.0512, 1) == "5.1%" and percent(np.float64(1)) == "100%"
+
+
+# --- networks, minibatch fitting and the classification chapter's data --------------------------------
+
+from minigpt.data import blob_segmentation, digit_view, flip_labels, keep_minority, load_digit_images  # noqa: E402
+from minigpt.metrics import dice_score, retrieval_accuracy  # noqa: E402
+from minigpt.tabular import MLP, SegmentationNet, fit_minibatch  # noqa: E402
+
+
+def test_mlp_side_by_side_equals_separate_networks():
+    X = torch.randn(2, 7, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    both = MLP(5, 4, 3, problems=2, generator=torch.Generator().manual_seed(1))
+    first = MLP(5, 4, 3)
+    with torch.no_grad():
+        for name in ("w1", "b1", "w2", "b2"):
+            getattr(first, name).copy_(getattr(both, name)[0])
+    torch.testing.assert_close(both(X)[0], first(X[0]))
+    assert MLP(5, 4, problems=2)(X).shape == (2, 7)
+    again = MLP(5, 4, 3, problems=2, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(again.w1, both.w1)  # the generator fixes the initial weights
+    with pytest.raises(ValueError, match="X must have shape"):
+        both(X[0])
+
+
+def test_fit_callback_sees_every_checkpoint():
+    d = load_diabetes(dtype=torch.float64)
+    seen = []
+    fit_full_batch(Linear(10), d.X_train, d.y_train, _mse, steps=10, callback=lambda s, m: seen.append(s),
+                   callback_every=4)
+    assert seen == [0, 4, 8, 10]
+
+
+def test_fit_minibatch_learns_and_reports():
+    X = torch.randn(256, 3, generator=torch.Generator().manual_seed(0))
+    y = X @ torch.tensor([1.0, -2.0, 0.5])
+    model = torch.nn.Linear(3, 1)
+
+    def batch_loss(m, g):
+        idx = torch.randint(0, 256, (32,), generator=g)
+        return ((m(X[idx])[:, 0] - y[idx]) ** 2).mean()
+
+    history = fit_minibatch(model, batch_loss, steps=300, lr=0.05)
+    assert len(history) == 300 and history[-1] < 1e-3 < history[0]
+    with pytest.raises(ValueError, match="steps"):
+        fit_minibatch(model, batch_loss, steps=0)
+
+
+def test_segmentation_net_shapes_and_seed():
+    images, masks = blob_segmentation(6, 16, torch.Generator().manual_seed(0), empty_fraction=0.5)
+    a, b = SegmentationNet(seed=3), SegmentationNet(seed=3)
+    state = torch.random.get_rng_state()
+    assert a(images).shape == masks.shape and torch.equal(a(images), b(images))
+    assert torch.equal(state, torch.random.get_rng_state())  # global random state untouched
+    with pytest.raises(ValueError, match="images must have shape"):
+        a(images[:, 0])
+
+
+def test_blob_segmentation_ground_truth():
+    images, masks = blob_segmentation(400, 16, torch.Generator().manual_seed(0), empty_fraction=0.3, noise=0.0)
+    empty = masks.flatten(1).sum(1) == 0
+    assert 0.2 < empty.double().mean() < 0.4
+    assert torch.equal(images, masks)  # without noise the image is the mask
+    assert set(masks.unique().tolist()) <= {0.0, 1.0}
+    with pytest.raises(ValueError, match="empty_fraction"):
+        blob_segmentation(4, 16, torch.Generator(), empty_fraction=2.0)
+
+
+def test_digit_views():
+    images, labels = load_digit_images()
+    assert images.shape == (1797, 8, 8) and labels.shape == (1797,) and images.max() == 16
+    clean = digit_view(images[:50], torch.Generator().manual_seed(0), max_shift=0, noise=0.0)
+    torch.testing.assert_close(clean, images[:50].reshape(50, 64) / 16)
+    shifted = digit_view(images[:50], torch.Generator().manual_seed(0), max_shift=1, noise=0.0)
+    assert shifted.shape == (50, 64) and (shifted.sum(1) <= clean.sum(1) + 1e-6).all()  # shifting only drops ink
+
+
+def test_flip_labels_and_keep_minority():
+    y = torch.arange(10).repeat(20)
+    noisy, mask = flip_labels(y, 0.25, torch.Generator().manual_seed(0), n_classes=10)
+    assert mask.sum() == 50 and (noisy[mask] != y[mask]).all() and torch.equal(noisy[~mask], y[~mask])
+    rows, rmask = flip_labels(torch.stack([y, y]), 0.1, torch.Generator().manual_seed(0), n_classes=10)
+    assert rmask.sum(1).tolist() == [20, 20]
+    with pytest.raises(ValueError, match="labels in"):
+        flip_labels(y, 0.1, torch.Generator(), n_classes=5)
+    binary = (torch.arange(300) % 3 == 0).long()  # 100 positives, 200 negatives
+    kept = keep_minority(binary, 1, 20, torch.Generator().manual_seed(0))
+    assert int(binary[kept].sum()) == 10 and int((binary[kept] == 0).sum()) == 200
+    with pytest.raises(ValueError, match="fewer than"):
+        keep_minority(binary, 1, 1, torch.Generator())
+
+
+def test_dice_score_and_retrieval():
+    p = torch.tensor([[1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
+    t = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    torch.testing.assert_close(dice_score(p, t), torch.tensor([2 / 3, 1.0, 0.0], dtype=torch.float64))
+    with pytest.raises(ValueError, match="binary"):
+        dice_score(p * 0.5, t)
+    q = torch.eye(4)
+    assert retrieval_accuracy(q, q) == 1.0
+    assert retrieval_accuracy(q, q[[1, 0, 2, 3]]) == 0.5
+    with pytest.raises(ValueError, match="one shape"):
+        retrieval_accuracy(q, q[:3])

@@ -250,3 +250,30 @@ def info_nce_loss(z1: torch.Tensor, z2: torch.Tensor, *, temperature: float = 0.
     if symmetric:
         loss = (loss + F.cross_entropy(logits.T, labels)) / 2
     return loss.to(z1.dtype)
+
+
+def neighbour_info_nce_loss(features: torch.Tensor, *, temperature: float = 0.07) -> torch.Tensor:
+    """The source notes' contrastive loss, kept to be measured, not to be used: the positives of row i
+    are rows i - 1 and i + 1 (a roll of the identity, wrapping around), whatever those rows hold.
+
+    ``-mean_i log(sum_pos exp(s_ij) / sum_{j != i} exp(s_ij))`` with ``s = f f^T / T`` on L2-normalised
+    features, computed with log-sum-exp. If the batch interleaves two views, ``[a_0, b_0, a_1, b_1, ...]``,
+    one of each row's two positives is the other view of its own example and the other is a view of a
+    different example; on a batch of distinct examples both are. Use :func:`info_nce_loss`.
+
+    Args:
+        features: (N, D) embeddings, N >= 3.
+    """
+    if not isinstance(features, torch.Tensor) or not features.is_floating_point() or features.ndim != 2 \
+            or features.shape[0] < 3:
+        raise ValueError(f"features must be a floating tensor of shape (N, D) with N >= 3, got "
+                         f"{getattr(features, 'shape', type(features))}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    z = F.normalize(features, dim=1)
+    n = len(z)
+    eye = torch.eye(n, dtype=torch.bool, device=z.device)
+    positive = eye.roll(1, dims=0) | eye.roll(-1, dims=0)
+    sim = (z @ z.T / temperature).masked_fill(eye, -math.inf)
+    log_p = sim - torch.logsumexp(sim, dim=1, keepdim=True)
+    return -torch.logsumexp(log_p.masked_fill(~positive, -math.inf), dim=1).mean()
