@@ -17,6 +17,14 @@ import torch.nn as nn
 LossOnOutputs = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def _check_features(X: torch.Tensor, n_features: int, problems: int | None) -> None:
+    """X must be (N, F), or (B, N, F) for B side-by-side problems."""
+    batched = problems is not None
+    if X.dim() != (3 if batched else 2) or X.shape[-1] != n_features or (batched and X.shape[0] != problems):
+        shape = f"({problems}, N, F)" if batched else "(N, F)"
+        raise ValueError(f"X must have shape {shape} with F = {n_features}, got {tuple(X.shape)}")
+
+
 class Linear(nn.Module):
     """``X @ W + b``, initialised at zero. Output (N,) for one output, (N, K) for K outputs (one per
     quantile, or class logits).
@@ -38,10 +46,7 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(*lead, 1, n_outputs, dtype=dtype))
 
     def forward(self, X: torch.Tensor) -> torch.Tensor:
-        batched = self.problems is not None
-        if X.dim() != (3 if batched else 2) or X.shape[-1] != self.n_features or (batched and X.shape[0] != self.problems):
-            shape = "(N, F)" if self.problems is None else f"({self.problems}, N, F)"
-            raise ValueError(f"X must have shape {shape} with F = {self.n_features}, got {tuple(X.shape)}")
+        _check_features(X, self.n_features, self.problems)
         out = X @ self.weight + (self.bias if self.problems is not None else self.bias[0])
         return out.squeeze(-1) if self.n_outputs == 1 else out
 
@@ -69,10 +74,8 @@ class MLP(nn.Module):
         self.w2, self.b2 = uniform(hidden, n_outputs, fan_in=hidden), uniform(1, n_outputs, fan_in=hidden)
 
     def forward(self, X: torch.Tensor) -> torch.Tensor:
+        _check_features(X, self.n_features, self.problems)
         batched = self.problems is not None
-        if X.dim() != (3 if batched else 2) or X.shape[-1] != self.n_features or (batched and X.shape[0] != self.problems):
-            shape = "(N, F)" if not batched else f"({self.problems}, N, F)"
-            raise ValueError(f"X must have shape {shape} with F = {self.n_features}, got {tuple(X.shape)}")
         b1, b2 = (self.b1, self.b2) if batched else (self.b1[0], self.b2[0])
         out = torch.relu(X @ self.w1 + b1) @ self.w2 + b2
         return out.squeeze(-1) if self.n_outputs == 1 else out

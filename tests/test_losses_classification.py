@@ -259,3 +259,9 @@ def test_neighbour_info_nce_marks_rows_around_each_row():
         losses.neighbour_info_nce_loss(torch.zeros(2, 4))
     with pytest.raises(ValueError, match="temperature"):
         losses.neighbour_info_nce_loss(torch.zeros(4, 4), temperature=0.0)
+
+
+def test_neighbour_positive_mask_wraps_around():
+    m = losses.neighbour_positive_mask(4)
+    assert m.tolist() == [[False, True, False, True], [True, False, True, False],
+                          [False, True, False, True], [True, False, True, False]]

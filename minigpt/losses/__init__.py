@@ -19,7 +19,8 @@ from .regression import (
 
 from .classification import (
     bce_with_logits, dice_loss, distillation_loss, exponential_loss, hinge_loss, info_nce_loss,
-    kl_div, multi_margin_loss, neighbour_info_nce_loss, sigmoid_focal_loss, squared_hinge_loss,
+    kl_div, multi_margin_loss, neighbour_info_nce_loss, neighbour_positive_mask, sigmoid_focal_loss,
+    squared_hinge_loss,
 )
 from .sequence import (
     adaptive_length_penalty_loss, mask_prompt, sequence_loss, sft_loss, token_nll, token_weights,
@@ -32,7 +33,8 @@ __all__ = [
     "cross_entropy", "naive_softmax_focal_loss", "softmax_focal_loss",
     "FreeBitsKL", "active_units", "cyclical_beta", "free_bits_kl", "gaussian_kl", "linear_beta",
     "bce_with_logits", "dice_loss", "distillation_loss", "exponential_loss", "hinge_loss", "info_nce_loss",
-    "kl_div", "multi_margin_loss", "neighbour_info_nce_loss", "sigmoid_focal_loss", "squared_hinge_loss",
+    "kl_div", "multi_margin_loss", "neighbour_info_nce_loss", "neighbour_positive_mask", "sigmoid_focal_loss",
+    "squared_hinge_loss",
     "adaptive_length_penalty_loss", "mask_prompt", "sequence_loss", "sft_loss", "token_nll", "token_weights",
     "weighted_token_mean",
     "huber_loss", "log_cosh_loss", "mae_loss", "mse_loss", "multi_quantile_loss", "quantile_loss",

@@ -252,6 +252,12 @@ def info_nce_loss(z1: torch.Tensor, z2: torch.Tensor, *, temperature: float = 0.
     return loss.to(z1.dtype)
 
 
+def neighbour_positive_mask(n: int, device=None) -> torch.Tensor:
+    """(n, n) bool mask of the source notes' positives: row i marks rows i - 1 and i + 1 (wrapping)."""
+    eye = torch.eye(n, dtype=torch.bool, device=device)
+    return eye.roll(1, dims=0) | eye.roll(-1, dims=0)
+
+
 def neighbour_info_nce_loss(features: torch.Tensor, *, temperature: float = 0.07) -> torch.Tensor:
     """The source notes' contrastive loss, kept to be measured, not to be used: the positives of row i
     are rows i - 1 and i + 1 (a roll of the identity, wrapping around), whatever those rows hold.
@@ -273,7 +279,7 @@ def neighbour_info_nce_loss(features: torch.Tensor, *, temperature: float = 0.07
     z = F.normalize(features, dim=1)
     n = len(z)
     eye = torch.eye(n, dtype=torch.bool, device=z.device)
-    positive = eye.roll(1, dims=0) | eye.roll(-1, dims=0)
+    positive = neighbour_positive_mask(n, z.device)
     sim = (z @ z.T / temperature).masked_fill(eye, -math.inf)
     log_p = sim - torch.logsumexp(sim, dim=1, keepdim=True)
     return -torch.logsumexp(log_p.masked_fill(~positive, -math.inf), dim=1).mean()
