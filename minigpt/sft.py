@@ -296,7 +296,7 @@ def evaluate_responses(model: GPT, examples: list[Instruction], *, max_extra: in
     Greedy decoding follows the correct response for as long as the argmax at each position (given the
     correct prefix) is the correct token, so one teacher-forced pass finds the examples it gets exactly
     right and those it ends early by emitting the stop token. Only the others are decoded, from their
-    first error on, up to ``length + max_extra`` characters in all.
+    first error on, up to the longest correct response in ``examples`` plus ``max_extra`` characters.
     """
     if not examples:
         raise ValueError("examples must not be empty")
