@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
+from tqdm import tqdm  # the plain bar: tqdm.auto warns in kernels without ipywidgets
 
 from .data import (INSTRUCTION_PAD, INSTRUCTION_STOP, INSTRUCTION_VOCAB, CharTokenizer, Instruction, instruction_batch,
                    make_instructions)
