@@ -104,3 +104,16 @@ def markdown_table(rows: list[dict], digits: int = 4, label: str = "method") -> 
         lines.append(f"| {r['name']} | {r['mean']:.{digits}f} | [{r['low']:.{digits}f}, "
                      f"{r['high']:.{digits}f}] | {r['n']} |")
     return "\n".join(lines)
+
+
+def pearson_ci(x, y, confidence: float = 0.95) -> tuple[float, float, float]:
+    """Pearson correlation of paired samples with its Fisher-z interval: ``(r, low, high)``.
+    The interval assumes independent pairs, roughly bivariate normal; it needs at least 4 pairs."""
+    from scipy import stats
+
+    xs, ys = [float(v) for v in x], [float(v) for v in y]
+    if len(xs) != len(ys) or len(xs) < 4:
+        raise ValueError(f"x and y must be paired samples of at least 4, got {len(xs)} and {len(ys)}")
+    r = float(stats.pearsonr(xs, ys).statistic)
+    z, half = math.atanh(r), float(stats.norm.ppf(0.5 + confidence / 2)) / math.sqrt(len(xs) - 3)
+    return r, math.tanh(z - half), math.tanh(z + half)

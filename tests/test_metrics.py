@@ -111,3 +111,19 @@ def test_over_seeds_and_tables(monkeypatch):
     table = markdown_table(rows, digits=2, label="loss")
     assert table.splitlines()[2].startswith("| mse | 2.00 | [") and "| huber | 1.00 | [1.00, 1.00] | 3 |" in table
     assert not math.isnan(rows[1]["high"])
+
+
+def test_pearson_ci_matches_scipy_fisher_interval():
+    from scipy import stats
+
+    from minigpt.experiments import pearson_ci
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(50, generator=gen, dtype=torch.float64)
+    y = 0.5 * x + torch.randn(50, generator=gen, dtype=torch.float64)
+    r, low, high = pearson_ci(x.tolist(), y.tolist())
+    ref = stats.pearsonr(x.numpy(), y.numpy())
+    ci = ref.confidence_interval(0.95)
+    assert r == pytest.approx(ref.statistic) and low == pytest.approx(ci.low) and high == pytest.approx(ci.high)
+    with pytest.raises(ValueError, match="at least 4"):
+        pearson_ci([1, 2, 3], [1, 2, 3])

@@ -145,3 +145,11 @@ def test_accumulation_global_normalisation_is_exact_and_mean_of_means_is_not():
                                accumulated_gradient(model, same, normalise="global"))
     with pytest.raises(ValueError, match="normalise"):
         accumulated_gradient(model, micro, normalise="mean")
+
+
+def test_one_micro_batch_is_the_full_batch_gradient():
+    model = tiny_model(5, torch.float64)
+    examples = make_instructions(6, torch.Generator().manual_seed(9), lengths=(2, 12))
+    full = flat_grad(model, sft_batch_loss(model, examples))
+    for how in ("global", "micro_mean"):
+        torch.testing.assert_close(accumulated_gradient(model, [examples], normalise=how), full)
