@@ -1,11 +1,18 @@
 """Evaluation metrics: accuracy, F1, PR-AUC, calibration (ECE and reliability diagrams), and the
-coverage of prediction intervals. Inputs are tensors; results are Python floats."""
+coverage of prediction intervals. Inputs are tensors on any one device (CPU, CUDA, MPS); results are
+Python floats, except ``dice_score``'s per-example tensor, which stays on the inputs' device."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+
+
+def _exact_float(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as float64, for counts and sums that should not round; as float32 on Apple MPS, which has
+    no float64. Stays on ``t``'s device."""
+    return t.to(torch.float32 if t.device.type == "mps" else torch.float64)
 
 
 def _check_labels(name: str, labels: torch.Tensor) -> None:
@@ -34,16 +41,17 @@ def f1_score(prediction: torch.Tensor, target: torch.Tensor, *, average: str = "
     """F1, the harmonic mean of precision and recall. ``average="binary"``: of class ``positive``;
     ``"macro"``: the unweighted mean over the classes present in target or prediction. A class with no
     true positives has F1 0 (also when it has no predictions), as in scikit-learn with
-    ``zero_division=0``."""
+    ``zero_division=0``. ``prediction``, ``target``: (N,) labels."""
     _check_labels("prediction", prediction)
     _check_labels("target", target)
     if prediction.shape != target.shape:
         raise ValueError(f"prediction must have the shape of target {tuple(target.shape)}, got {tuple(prediction.shape)}")
 
     def f1_of(c: int) -> float:
-        tp = ((prediction == c) & (target == c)).sum().item()
-        fp = ((prediction == c) & (target != c)).sum().item()
-        fn = ((prediction != c) & (target == c)).sum().item()
+        predicted, actual = prediction == c, target == c
+        # one read-back per class, not three
+        tp, fp, fn = torch.stack([(predicted & actual).sum(), (predicted & ~actual).sum(),
+                                  (~predicted & actual).sum()]).tolist()
         return 0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn)
 
     if average == "binary":
@@ -67,14 +75,15 @@ def pr_auc(score: torch.Tensor, target: torch.Tensor) -> float:
     n_pos = int(target.sum())
     if n_pos == 0:
         raise ValueError("target has no positive example: precision-recall is undefined")
-    order = torch.argsort(score.double(), descending=True, stable=True)
-    s, t = score.double()[order], target[order].double()
+    score = _exact_float(score)
+    order = torch.argsort(score, descending=True, stable=True)
+    s, t = score[order], _exact_float(target[order])
     tp, fp = torch.cumsum(t, 0), torch.cumsum(1 - t, 0)
     last_of_tie = torch.ones_like(s, dtype=torch.bool)
     last_of_tie[:-1] = s[1:] != s[:-1]  # evaluate at the end of each run of tied scores
     tp, fp = tp[last_of_tie], fp[last_of_tie]
     precision, recall = tp / (tp + fp), tp / n_pos
-    recall_step = torch.diff(recall, prepend=torch.zeros(1, dtype=recall.dtype))
+    recall_step = torch.diff(recall, prepend=recall.new_zeros(1))
     return float((recall_step * precision).sum())
 
 
@@ -107,21 +116,23 @@ def reliability_diagram(probs: torch.Tensor, target: torch.Tensor, n_bins: int =
                          f"{tuple(probs.shape) if isinstance(probs, torch.Tensor) else type(probs).__name__}")
     if not isinstance(n_bins, int) or n_bins < 1:
         raise ValueError(f"n_bins must be a positive int, got {n_bins!r}")
-    p = probs.detach().double()
-    if bool((p < 0).any() or (p > 1).any()) or not torch.allclose(p.sum(1), torch.ones(len(p), dtype=p.dtype), atol=1e-4):
+    p = _exact_float(probs.detach())
+    if bool(((p < 0) | (p > 1)).any()) or not torch.allclose(p.sum(1), torch.ones_like(p[:, 0]), atol=1e-4):
         raise ValueError("probs must be probabilities in [0, 1] whose rows sum to 1 (apply softmax to logits)")
     confidence, predicted = p.max(dim=1)
-    correct = (predicted == target).double()
+    correct = _exact_float(predicted == target)
     bins = torch.clamp(torch.ceil(confidence * n_bins).long() - 1, 0, n_bins - 1)
     count = torch.bincount(bins, minlength=n_bins)
     conf_sum = torch.bincount(bins, weights=confidence, minlength=n_bins)
     acc_sum = torch.bincount(bins, weights=correct, minlength=n_bins)
+    # read the (n_bins,) sums back to the host once, not once per bin
+    count, conf_sum, acc_sum = count.tolist(), conf_sum.tolist(), acc_sum.tolist()
     nan = float("nan")
     return ReliabilityDiagram(
         edges=[m / n_bins for m in range(n_bins + 1)],
-        count=count.tolist(),
-        confidence=[(cs / c).item() if c else nan for cs, c in zip(conf_sum, count)],
-        accuracy=[(a / c).item() if c else nan for a, c in zip(acc_sum, count)],
+        count=count,
+        confidence=[cs / c if c else nan for cs, c in zip(conf_sum, count)],
+        accuracy=[a / c if c else nan for a, c in zip(acc_sum, count)],
     )
 
 
@@ -137,7 +148,7 @@ def interval_coverage(lower: torch.Tensor, upper: torch.Tensor, target: torch.Te
     for name, t in (("lower", lower), ("upper", upper)):
         if not isinstance(t, torch.Tensor) or t.shape != target.shape:
             raise ValueError(f"{name} must be a tensor of the shape of target {tuple(target.shape)}")
-    return ((target >= lower) & (target <= upper)).double().mean().item()
+    return _exact_float((target >= lower) & (target <= upper)).mean().item()
 
 
 def quantile_crossing_rate(predictions: torch.Tensor) -> float:
@@ -146,19 +157,19 @@ def quantile_crossing_rate(predictions: torch.Tensor) -> float:
     if not isinstance(predictions, torch.Tensor) or predictions.ndim != 2 or predictions.shape[1] < 2:
         raise ValueError("predictions must be a tensor of shape (N, Q) with Q >= 2")
     crossed = (torch.diff(predictions, dim=1) < 0).any(dim=1)
-    return crossed.double().mean().item()
+    return _exact_float(crossed).mean().item()
 
 
 def dice_score(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Per-example Dice coefficient ``2 |P and T| / (|P| + |T|)`` of binary masks of shape (N, ...), summed
     over every non-batch dimension; an example where both masks are empty scores 1 (a perfect
-    "nothing here")."""
+    "nothing here"). Returns (N,) float64 (float32 on MPS) on the masks' device."""
     if not isinstance(prediction, torch.Tensor) or prediction.shape != target.shape or prediction.dim() < 2:
         raise ValueError(f"prediction must be a tensor of the shape of target {tuple(target.shape)}, with a batch dimension")
     for name, t in (("prediction", prediction), ("target", target)):
         if not bool(((t == 0) | (t == 1)).all()):
             raise ValueError(f"{name} must hold a binary mask (0/1)")
-    p, t = prediction.flatten(1).double(), target.flatten(1).double()
+    p, t = _exact_float(prediction.flatten(1)), _exact_float(target.flatten(1))
     total = p.sum(1) + t.sum(1)
     return torch.where(total > 0, 2 * (p * t).sum(1) / total.clamp_min(1), torch.ones_like(total))
 
@@ -169,6 +180,6 @@ def retrieval_accuracy(queries: torch.Tensor, keys: torch.Tensor) -> float:
     if not isinstance(queries, torch.Tensor) or queries.shape != keys.shape or queries.dim() != 2:
         raise ValueError(f"queries and keys must be tensors of one shape (N, D), got {tuple(queries.shape)} "
                          f"and {tuple(keys.shape)}")
-    q = torch.nn.functional.normalize(queries.double(), dim=1)
-    k = torch.nn.functional.normalize(keys.double(), dim=1)
-    return ((q @ k.T).argmax(1) == torch.arange(len(q), device=q.device)).double().mean().item()
+    q = torch.nn.functional.normalize(_exact_float(queries), dim=1)
+    k = torch.nn.functional.normalize(_exact_float(keys), dim=1)
+    return _exact_float((q @ k.T).argmax(1) == torch.arange(len(q), device=q.device)).mean().item()

@@ -4,6 +4,10 @@ updated from the losses' history or the tasks' gradients.
 Every weighting has ``weights()`` -> (K,) tensor and is called as ``weighting(losses)`` with a sequence
 of K scalar losses, returning the total to backpropagate. History-based schemes also need ``update``.
 The source notes' schemes are included so that the book can measure them next to the published ones.
+
+The losses may live on any device; a weighting's own tensors move to the losses' device on the first
+call and stay there, and the per-step calls (``weighting(losses)``, ``update``, ``pcgrad``) read no
+value back to the host, so they do not stall a GPU.
 """
 
 from __future__ import annotations
@@ -13,16 +17,27 @@ from collections import deque
 import torch
 import torch.nn as nn
 
+from .metrics import _exact_float
 
-def _stack(losses) -> torch.Tensor:
-    t = torch.stack([torch.as_tensor(l) for l in losses]) if not isinstance(losses, torch.Tensor) else losses
+
+def _stack(losses, name: str = "losses") -> torch.Tensor:
+    """K scalar losses (a (K,) tensor, or a sequence of 0-d tensors and numbers) as one (K,) tensor, on
+    the device of the first tensor among them (numbers alone give a CPU tensor)."""
+    if isinstance(losses, torch.Tensor):
+        t = losses
+    else:
+        items = list(losses)
+        if not items:
+            raise ValueError(f"{name} must be K scalar values, got none")
+        device = next((l.device for l in items if isinstance(l, torch.Tensor)), None)
+        t = torch.stack([torch.as_tensor(l, device=device) for l in items])
     if t.ndim != 1 or len(t) == 0:
-        raise ValueError(f"losses must be K scalar losses, got shape {tuple(t.shape)}")
+        raise ValueError(f"{name} must be K scalar values, got shape {tuple(t.shape)}")
     return t
 
 
 class FixedWeights:
-    """``sum_i w_i L_i`` with constant weights."""
+    """``sum_i w_i L_i`` with constant weights (K,)."""
 
     def __init__(self, weights):
         self._w = torch.as_tensor(weights, dtype=torch.float32)
@@ -30,13 +45,16 @@ class FixedWeights:
             raise ValueError("weights must be a 1-D sequence of non-negative numbers")
 
     def weights(self) -> torch.Tensor:
+        """(K,) float32 weights, on the device of the last losses seen."""
         return self._w.clone()
 
     def __call__(self, losses) -> torch.Tensor:
+        """K scalar losses -> 0-d total, in the losses' dtype and on their device."""
         L = _stack(losses)
         if len(L) != len(self._w):
             raise ValueError(f"losses must hold {len(self._w)} task losses, got {len(L)}")
-        return (self._w.to(L) * L).sum()
+        self._w = self._w.to(L.device)  # copied once, not every step
+        return (self._w.to(L.dtype) * L).sum()
 
 
 class UncertaintyWeighting(nn.Module):
@@ -47,6 +65,9 @@ class UncertaintyWeighting(nn.Module):
     the form most code uses: twice the regression term. For a regression task both put the optimum at
     ``s = log L``, i.e. weight ``1 / L`` on the task's loss: a task whose loss goes to zero gets an
     exploding weight, and the total goes negative once ``L < 1/e`` (expected, not a bug).
+
+    A module: move it with ``.to(device)`` before building its optimizer, as for a model. (Left on the
+    CPU it still works with losses on another device, at the cost of a copy each step.)
     """
 
     def __init__(self, task_types, form: str = "exact"):
@@ -57,24 +78,25 @@ class UncertaintyWeighting(nn.Module):
         if form not in ("exact", "common"):
             raise ValueError(f"form must be 'exact' or 'common', got {form!r}")
         self.task_types, self.form = types, form
-        self.log_vars = nn.Parameter(torch.zeros(len(types)))
-
-    def _scales(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(coefficient of exp(-s) L, coefficient of s) per task."""
-        if self.form == "common":
-            ones = torch.ones(len(self.task_types))
-            return ones, ones
-        loss_coef = torch.tensor([0.5 if t == "regression" else 1.0 for t in self.task_types])
-        return loss_coef, torch.full((len(self.task_types),), 0.5)
+        self.log_vars = nn.Parameter(torch.zeros(len(types)))  # (K,) s_i
+        # (K,) coefficients of exp(-s) L and of s; buffers, so that .to(device) moves them with log_vars
+        if form == "common":
+            loss_coef, s_coef = torch.ones(len(types)), torch.ones(len(types))
+        else:
+            loss_coef = torch.tensor([0.5 if t == "regression" else 1.0 for t in types])
+            s_coef = torch.full((len(types),), 0.5)
+        self.register_buffer("loss_coef", loss_coef, persistent=False)
+        self.register_buffer("s_coef", s_coef, persistent=False)
 
     def weights(self) -> torch.Tensor:
-        loss_coef, _ = self._scales()
-        return (loss_coef.to(self.log_vars) * torch.exp(-self.log_vars)).detach()
+        """(K,) effective weights on the losses, ``loss_coef * exp(-s)``, detached."""
+        return (self.loss_coef * torch.exp(-self.log_vars)).detach()
 
     def forward(self, losses) -> torch.Tensor:
+        """K scalar losses -> 0-d total, in the losses' dtype and on their device."""
         L = _stack(losses)
-        loss_coef, s_coef = (c.to(L) for c in self._scales())
-        return (loss_coef * torch.exp(-self.log_vars.to(L)) * L + s_coef * self.log_vars.to(L)).sum()
+        s = self.log_vars.to(L)  # a no-op once the module is on the losses' device
+        return (self.loss_coef.to(L) * torch.exp(-s) * L + self.s_coef.to(L) * s).sum()
 
 
 class DynamicWeightAverage:
@@ -86,24 +108,32 @@ class DynamicWeightAverage:
         if n_tasks < 1 or not temperature > 0:
             raise ValueError("n_tasks must be >= 1 and temperature > 0")
         self.n_tasks, self.temperature = n_tasks, temperature
-        self.history: deque = deque(maxlen=2)
+        self.history: deque = deque(maxlen=2)  # the last two (K,) epoch-average losses
+        self._w: torch.Tensor | None = None  # weights() on the losses' device, until the next update
 
     def update(self, epoch_losses) -> None:
-        """Record the epoch-average loss of each task (call once per epoch)."""
-        L = _stack(epoch_losses).detach().double()
+        """Record the epoch-average loss of each task, K values (call once per epoch)."""
+        L = _exact_float(_stack(epoch_losses, "epoch_losses").detach())
         if len(L) != self.n_tasks:
             raise ValueError(f"epoch_losses must hold {self.n_tasks} values, got {len(L)}")
         self.history.append(L)
+        self._w = None
 
     def weights(self) -> torch.Tensor:
+        """(K,) float32 weights, summing to K, on the device of the recorded losses."""
         if len(self.history) < 2:
-            return torch.ones(self.n_tasks)
+            return torch.ones(self.n_tasks, device=self.history[0].device if self.history else None)
         ratio = self.history[1] / self.history[0]
         return (self.n_tasks * torch.softmax(ratio / self.temperature, dim=0)).float()
 
     def __call__(self, losses) -> torch.Tensor:
+        """K scalar losses -> 0-d total, in the losses' dtype and on their device."""
         L = _stack(losses)
-        return (self.weights().to(L) * L).sum()
+        if len(self.history) < 2:
+            return L.sum()  # every weight is 1
+        if self._w is None or self._w.device != L.device:
+            self._w = self.weights().to(L.device)  # once per epoch, not every step
+        return (self._w.to(L.dtype) * L).sum()
 
 
 class GradNorm(nn.Module):
@@ -114,7 +144,8 @@ class GradNorm(nn.Module):
     weights take a gradient step on ``sum_i |G_i - target_i|``; then they are renormalised to sum to K.
 
     Usage per training step: ``total = gradnorm(losses, shared_weight)``, ``total.backward()`` for the
-    model, ``optimizer.step()``. The weights are updated inside the call, by their own optimizer.
+    model, ``optimizer.step()``. The weights are updated inside the call, by their own optimizer; on the
+    first call they move to the losses' device (their optimizer has no state yet).
     """
 
     def __init__(self, n_tasks: int, alpha: float = 1.5, lr: float = 0.025):
@@ -127,10 +158,18 @@ class GradNorm(nn.Module):
         self._opt = torch.optim.Adam([self.w], lr=lr)
 
     def weights(self) -> torch.Tensor:
+        """(K,) current weights, summing to K."""
         return self.w.detach().clone()
 
     def forward(self, losses, shared_weight: torch.Tensor) -> torch.Tensor:
+        """K scalar losses and the last shared layer's weight W (any shape, in the losses' graph) -> 0-d
+        total ``sum_i w_i L_i`` with the weights updated this step, detached from them."""
         L = _stack(losses)
+        if self.w.device != L.device:
+            if self._opt.state:
+                raise ValueError(f"GradNorm's weights are on {self.w.device} but the losses on {L.device}; "
+                                 "move it with .to(device) before the first call, not after")
+            self.to(L.device)  # moves w in place: the optimizer still holds it
         if self.initial_losses is None:
             self.initial_losses = L.detach().clone()
         grads = [torch.autograd.grad(self.w[i] * L[i], shared_weight, retain_graph=True, create_graph=True)[0]
@@ -151,8 +190,9 @@ class GradNorm(nn.Module):
 
 
 def gradient_cosine(g1: torch.Tensor, g2: torch.Tensor) -> float:
-    """Cosine between two (flattened) task gradients: negative means the tasks pull apart."""
-    return torch.nn.functional.cosine_similarity(g1.flatten().double(), g2.flatten().double(), dim=0).item()
+    """Cosine between two task gradients of D elements each (any shape, flattened): negative means the
+    tasks pull apart."""
+    return torch.nn.functional.cosine_similarity(_exact_float(g1.flatten()), _exact_float(g2.flatten()), dim=0).item()
 
 
 def pcgrad(grads, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -161,19 +201,24 @@ def pcgrad(grads, generator: torch.Generator | None = None) -> torch.Tensor:
 
     Args:
         grads: K flattened task gradients of equal shape (D,).
+        generator: draws the orders; a CPU one, or one on the gradients' device.
+
+    Returns:
+        (D,) combined gradient, in the gradients' dtype and on their device.
     """
     originals = [g.detach().flatten() for g in grads]
     if len(originals) < 2 or len({g.shape for g in originals}) != 1:
         raise ValueError("grads must hold at least 2 gradients of the same size")
     K = len(originals)
+    order_device = generator.device if generator is not None else "cpu"
     projected = []
     for i in range(K):
         g = originals[i].clone()
-        others = [j for j in torch.randperm(K, generator=generator).tolist() if j != i]
+        others = [j for j in torch.randperm(K, generator=generator, device=order_device).tolist() if j != i]
         for j in others:
-            dot = torch.dot(g, originals[j])
-            if dot < 0:
-                g = g - dot / originals[j].pow(2).sum().clamp(min=1e-30) * originals[j]
+            # clamp, not ``if dot < 0``: a branch would read dot back to the host for every pair
+            dot = torch.dot(g, originals[j]).clamp(max=0)
+            g = g - dot / originals[j].pow(2).sum().clamp(min=1e-30) * originals[j]
         projected.append(g)
     return torch.stack(projected).sum(dim=0)
 
@@ -193,47 +238,54 @@ class DifficultyAdaptiveWeights:
         self._w: torch.Tensor | None = None
 
     def weights(self) -> torch.Tensor:
+        """(K,) weights of the last call, summing to 1, in the losses' dtype and on their device."""
         if self._w is None:
             raise ValueError("no losses seen yet: call the weighting with the task losses first")
         return self._w.clone()
 
     def __call__(self, losses) -> torch.Tensor:
+        """K scalar losses -> 0-d total, in the losses' dtype and on their device."""
         L = _stack(losses)
         self._w = torch.softmax(L.detach() / self.temperature, dim=0)
         return (self._w * L).sum()
 
 
 class _HistoryWeights:
-    """Weights computed from each task's last ``window`` losses; equal until the history is long enough."""
+    """Weights computed from each task's last ``window`` losses; equal until the history is long enough.
+    The history stays on the losses' device: ``update`` reads nothing back to the host."""
 
     def __init__(self, n_tasks: int, window: int = 10):
         if n_tasks < 1 or window < 2:
             raise ValueError("n_tasks must be >= 1 and window >= 2")
         self.n_tasks, self.window = n_tasks, window
-        self.history = [deque(maxlen=window) for _ in range(n_tasks)]
+        self.history: deque = deque(maxlen=window)  # the last ``window`` (K,) losses, oldest first
         self._w = self._equal()
 
     def _equal(self) -> torch.Tensor:
         raise NotImplementedError
 
-    def _from_history(self) -> torch.Tensor:
+    def _from_history(self, y: torch.Tensor) -> torch.Tensor:
+        """(window, K) losses, oldest first -> (K,) float32 weights."""
         raise NotImplementedError
 
     def update(self, losses) -> None:
-        L = _stack(losses).detach().double()
+        """Record K losses (call once per step)."""
+        L = _exact_float(_stack(losses).detach())
         if len(L) != self.n_tasks:
             raise ValueError(f"losses must hold {self.n_tasks} values, got {len(L)}")
-        for h, value in zip(self.history, L.tolist()):
-            h.append(value)
-        if len(self.history[0]) >= self.window:
-            self._w = self._from_history()
+        self.history.append(L)
+        if len(self.history) >= self.window:
+            self._w = self._from_history(torch.stack(list(self.history)))
 
     def weights(self) -> torch.Tensor:
+        """(K,) float32 weights, on the device of the recorded losses."""
         return self._w.clone()
 
     def __call__(self, losses) -> torch.Tensor:
+        """K scalar losses -> 0-d total, in the losses' dtype and on their device."""
         L = _stack(losses)
-        return (self._w.to(L) * L).sum()
+        self._w = self._w.to(L.device)  # a no-op once the weights are on the losses' device
+        return (self._w.to(L.dtype) * L).sum()
 
 
 class PerformanceBasedWeights(_HistoryWeights):
@@ -245,15 +297,12 @@ class PerformanceBasedWeights(_HistoryWeights):
     def _equal(self) -> torch.Tensor:
         return torch.ones(self.n_tasks)
 
-    def _from_history(self) -> torch.Tensor:
-        x = torch.arange(self.window, dtype=torch.float64)
+    def _from_history(self, y: torch.Tensor) -> torch.Tensor:
+        x = torch.arange(self.window, dtype=y.dtype, device=y.device)
         x = x - x.mean()
-        speeds = []
-        for h in self.history:
-            y = torch.tensor(list(h), dtype=torch.float64)
-            slope = float((x * (y - y.mean())).sum() / (x * x).sum())
-            speeds.append(max(-slope, 0.0))
-        inverse = 1.0 / (torch.tensor(speeds) + 1e-6)
+        slope = (x[:, None] * (y - y.mean(0))).sum(0) / (x * x).sum()  # (K,) least-squares slopes
+        speed = (-slope).clamp(min=0)
+        inverse = 1.0 / (speed + 1e-6)
         return (self.n_tasks * inverse / inverse.sum()).float()
 
 
@@ -264,18 +313,17 @@ class InverseStdWeights(_HistoryWeights):
     def _equal(self) -> torch.Tensor:
         return torch.full((self.n_tasks,), 1.0 / self.n_tasks)
 
-    def _from_history(self) -> torch.Tensor:
-        stds = torch.tensor([float(torch.tensor(list(h), dtype=torch.float64).std(unbiased=False))
-                             for h in self.history])
-        w = 1.0 / (1.0 + stds)
+    def _from_history(self, y: torch.Tensor) -> torch.Tensor:
+        w = 1.0 / (1.0 + y.std(dim=0, unbiased=False))
         return (w / w.sum()).float()
 
 
 def gradient_balance_weights(grad_norms) -> torch.Tensor:
     """The notes' "gradient balance" weights: ``mean(G) / G_i``, normalised to sum to K, from the norms of
-    each task's gradient; tasks with small gradients get large weights."""
-    G = torch.as_tensor(grad_norms, dtype=torch.float64)
-    if G.ndim != 1 or bool((G < 0).any()) or not bool((G > 0).any()):
+    each task's gradient; tasks with small gradients get large weights. ``grad_norms``: K norms (a (K,)
+    tensor or a sequence); returns (K,) float32 weights on their device."""
+    G = _exact_float(_stack(grad_norms, "grad_norms"))
+    if bool((G < 0).any() | ~(G > 0).any()):  # one read-back for both checks
         raise ValueError("grad_norms must be K non-negative norms, not all zero")
     w = G.mean() / (G + 1e-8)
     return (len(G) * w / w.sum()).float()
