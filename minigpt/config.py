@@ -10,12 +10,17 @@ the whole book:
 ``MINIGPT_DEVICE`` force a device (``cpu``, ``cuda``, ``cuda:1``, ``mps``). Default: the best available.
 ``MINIGPT_THREADS`` torch intra-op threads. Default: 1 inside a pytest-xdist worker (parallel notebooks
                    on two cores oversubscribe badly with torch's default), else torch's own default.
+``MINIGPT_PROGRESS`` ``1`` or ``0``: progress bars on or off. Default: on for a reader (a terminal, or a
+                   Jupyter kernel), off under pytest and while the book build executes the chapters.
+``MINIGPT_TF32``   ``0`` keeps float32 matrix products in full float32 on CUDA. Default: TF32 on (about
+                   ten bits of mantissa in the product inputs; several times faster on Ampere and later).
 """
 
 from __future__ import annotations
 
 import os
 import random
+import sys
 
 import numpy as np
 import torch
@@ -109,3 +114,47 @@ def configure_threads() -> int:
         return torch.get_num_threads()
     torch.set_num_threads(threads)
     return threads
+
+
+def _flag_env(name: str) -> bool | None:
+    value = _env(name)
+    if value is None:
+        return None
+    if value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{name} must be 1 or 0, got {value!r}")
+
+
+def progress_default() -> bool:
+    """Whether training shows a progress bar when its config leaves it open (``progress=None``).
+
+    ``MINIGPT_PROGRESS`` wins. Otherwise off under pytest (``PYTEST_CURRENT_TEST`` or an xdist worker in
+    the environment, which the notebook kernels nbval starts inherit) and in the book build (its Sphinx
+    extension sets ``MINIGPT_PROGRESS=0`` for the kernels it starts), so no bar text reaches a test log
+    or the HTML; on in a Jupyter kernel (a plain text bar, no widgets needed) and in a terminal.
+    """
+    flag = _flag_env("MINIGPT_PROGRESS")
+    if flag is not None:
+        return flag
+    if _env("PYTEST_CURRENT_TEST") is not None or _env("PYTEST_XDIST_WORKER") is not None:
+        return False
+    if "ipykernel" in sys.modules:
+        return True
+    stream = sys.stderr
+    return bool(stream is not None and hasattr(stream, "isatty") and stream.isatty())
+
+
+def configure_cuda() -> bool:
+    """Let float32 matrix products on CUDA use TF32 unless ``MINIGPT_TF32=0``; returns whether TF32 is on.
+
+    No chapter assert depends on full float32 products: the small models that need precision compute
+    in float64, which TF32 does not touch. Does nothing without CUDA.
+    """
+    if not torch.cuda.is_available():
+        return False
+    tf32 = _flag_env("MINIGPT_TF32")
+    tf32 = True if tf32 is None else tf32
+    torch.set_float32_matmul_precision("high" if tf32 else "highest")
+    return tf32

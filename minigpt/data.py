@@ -1,6 +1,14 @@
-"""Data: tiny Shakespeare for the GPT, and scikit-learn's bundled tabular sets for the small models.
+"""Real data: tiny Shakespeare for the GPT, and scikit-learn's bundled sets for the small models.
 
-Tiny Shakespeare (Karpathy's char-rnn corpus, 1,115,394 characters, 65 distinct) is looked up in order:
+- Tiny Shakespeare (Karpathy's char-rnn corpus, 1,115,394 characters, 65 distinct): :func:`load_shakespeare`
+  gives a :class:`CharCorpus` whose :meth:`~CharCorpus.batch_fn` feeds :func:`minigpt.train.train`.
+- scikit-learn's diabetes, breast-cancer and digits sets as standardized :class:`TabularSplits`, and the
+  digits as raw 8x8 images (:func:`load_digit_images`).
+
+Synthetic data with a known ground truth lives in :mod:`minigpt.synthetic` (corruption models, blob
+images, digit views) and :mod:`minigpt.instructions` (the instruction set of chapter 6).
+
+Tiny Shakespeare is looked up in order:
 
 1. ``$MINIGPT_DATA_DIR/tinyshakespeare/input.txt`` when ``MINIGPT_DATA_DIR`` is set (CI points it at a
    copy, as it has no network; if the file is missing there it is downloaded into that folder);
@@ -132,7 +140,7 @@ def random_blocks(
     Args:
         data: (N,) int64 token ids.
         batch_size, block_size: B and T.
-        generator: a CPU generator for the window offsets (reproducible batches).
+        generator: a CPU generator for the window offsets (reproducible batches on any device).
     Returns:
         x, y: (B, T) int64 each, with ``y[b, t] == data[offset_b + t + 1]``.
     """
@@ -140,8 +148,9 @@ def random_blocks(
         raise ValueError(f"data must be 1-D token ids, got shape {tuple(data.shape)}")
     if len(data) <= block_size:
         raise ValueError(f"data has {len(data)} tokens, needs more than block_size={block_size}")
-    starts = torch.randint(len(data) - block_size, (batch_size,), generator=generator)
-    index = starts[:, None] + torch.arange(block_size)  # (B, T)
+    # offsets from the CPU generator (the same batches on every device), the gather where data lives
+    starts = torch.randint(len(data) - block_size, (batch_size,), generator=generator).to(data.device)
+    index = starts[:, None] + torch.arange(block_size, device=data.device)  # (B, T)
     return data[index], data[index + 1]
 
 
@@ -158,17 +167,18 @@ class CharCorpus:
         return self.tokenizer.vocab_size
 
     def batch_fn(self, batch_size: int, block_size: int, device: torch.device | str = "cpu"):
-        """A ``get_batch(split, generator) -> (x, y)`` function for :func:`minigpt.train.train`."""
-        splits = {"train": self.train, "val": self.val}
+        """A ``get_batch(split, generator) -> (x, y)`` function for :func:`minigpt.train.train`.
+
+        The token streams are copied to ``device`` once (a few MB), so each batch is gathered there
+        instead of being built on the CPU and copied every step. Their ids were checked at load.
+        """
         dev = torch.device(device)
+        splits = {"train": self.train.to(dev), "val": self.val.to(dev)}
 
         def get_batch(split: str, generator: torch.Generator | None = None):
             if split not in splits:
                 raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-            x, y = random_blocks(splits[split], batch_size, block_size, generator)
-            if dev.type != "cpu":
-                x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-            return x, y
+            return random_blocks(splits[split], batch_size, block_size, generator)
 
         return get_batch
 
@@ -208,12 +218,44 @@ class TabularSplits:
     feature_names: list[str]
     task: str  # "regression" or "classification"
     n_classes: int | None = None
-    y_mean: float = 0.0
-    y_std: float = 1.0
+    y_mean: float | torch.Tensor = 0.0  # a (B,) tensor for stacked splits
+    y_std: float | torch.Tensor = 1.0
 
     @property
     def n_features(self) -> int:
-        return self.X_train.shape[1]
+        return self.X_train.shape[-1]
+
+    @property
+    def n_splits(self) -> int | None:
+        """B for splits stacked by :func:`stack_splits`; None for a single split."""
+        return self.X_train.shape[0] if self.X_train.dim() == 3 else None
+
+
+def stack_splits(splits: list[TabularSplits]) -> TabularSplits:
+    """Several splits of one data set as one :class:`TabularSplits` whose tensors gain a first dimension:
+    ``X_train`` (B, N, F), ``y_train`` (B, N), and so on; ``y_mean`` and ``y_std`` become (B,) tensors.
+    This is the input of B models fitted side by side (``problems=B`` in :mod:`minigpt.small_models`).
+    Splits of one set with the same fractions have equal sizes (stratified ones too), so they stack."""
+    if not splits:
+        raise ValueError("splits must not be empty")
+    first = splits[0]
+    if any(s.name != first.name for s in splits):
+        raise ValueError(f"splits must all come from one data set, got {sorted({s.name for s in splits})}")
+    fields = ("X_train", "y_train", "X_val", "y_val", "X_test", "y_test")
+    shapes = {f: {tuple(getattr(s, f).shape) for s in splits} for f in fields}
+    uneven = [f for f, found in shapes.items() if len(found) > 1]
+    if uneven:
+        raise ValueError(f"splits must have equal sizes to stack, but {uneven[0]} has shapes {sorted(shapes[uneven[0]])}")
+    tensors = [torch.stack([getattr(s, f) for s in splits]) for f in fields]
+    return TabularSplits(first.name, *tensors, first.feature_names, first.task, first.n_classes,
+                         torch.tensor([s.y_mean for s in splits], dtype=torch.float64),
+                         torch.tensor([s.y_std for s in splits], dtype=torch.float64))
+
+
+def load_stacked(loader, split_seeds, **kwargs) -> TabularSplits:
+    """``loader`` (e.g. :func:`load_diabetes`) once per seed in ``split_seeds``, stacked by
+    :func:`stack_splits`: one split per seed, for B side-by-side fits."""
+    return stack_splits([loader(split_seed=s, **kwargs) for s in split_seeds])
 
 
 def _split_indices(n: int, fractions: tuple[float, float, float], labels, seed: int):
@@ -293,117 +335,6 @@ def load_digits(fractions=(0.6, 0.2, 0.2), split_seed: int = 0, dtype=torch.floa
                     fractions, split_seed, dtype)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Corruption models: known, stated damage to clean data, so that robustness can be measured
-
-
-def corrupt_targets(y: torch.Tensor, rate: float, generator: torch.Generator, *, low: float = 5.0,
-                    high: float = 15.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gross errors in regression targets: a random ``rate`` share of the entries (rounded to the nearest
-    count) get an offset drawn uniformly from ``[low, high]`` added, always upward (a one-sided error
-    such as a misplaced decimal point or a unit mix-up). In standardized targets the offsets are in
-    standard deviations.
-
-    Args:
-        y: (N,) or (B, N) floating targets; with B rows, each row is corrupted independently.
-    Returns:
-        The corrupted copy and a boolean mask of the corrupted entries, both shaped like ``y``.
-    """
-    if not isinstance(y, torch.Tensor) or not y.is_floating_point() or y.dim() not in (1, 2):
-        raise ValueError(f"y must be a floating tensor of shape (N,) or (B, N), got {getattr(y, 'shape', type(y))}")
-    if not 0.0 <= rate <= 1.0:
-        raise ValueError(f"rate must lie in [0, 1], got {rate}")
-    if not 0.0 <= low <= high:
-        raise ValueError(f"need 0 <= low <= high, got low={low}, high={high}")
-    rows = y if y.dim() == 2 else y[None]
-    n = rows.shape[1]
-    k = int(round(rate * n))
-    mask = torch.zeros(rows.shape, dtype=torch.bool)
-    offsets = torch.zeros(rows.shape, dtype=y.dtype)
-    for b in range(rows.shape[0]):
-        idx = torch.randperm(n, generator=generator)[:k]
-        mask[b, idx] = True
-        offsets[b, idx] = low + (high - low) * torch.rand(k, generator=generator, dtype=y.dtype)
-    out = rows + offsets.to(y.device)
-    mask = mask.to(y.device)
-    return (out, mask) if y.dim() == 2 else (out[0], mask[0])
-
-
-def flip_labels(y: torch.Tensor, rate: float, generator: torch.Generator, n_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric label noise: a random ``rate`` share of the labels (rounded to the nearest count) is
-    replaced by a different class drawn uniformly (for two classes: flipped).
-
-    Args:
-        y: (N,) or (B, N) int64 labels in [0, n_classes); with B rows, each row independently.
-    Returns:
-        The noisy copy and a boolean mask of the changed entries.
-    """
-    if not isinstance(y, torch.Tensor) or y.dtype != torch.int64 or y.dim() not in (1, 2):
-        raise ValueError(f"y must be an int64 tensor of shape (N,) or (B, N), got {getattr(y, 'dtype', type(y))}")
-    if n_classes < 2 or bool((y < 0).any()) or bool((y >= n_classes).any()):
-        raise ValueError(f"y must hold labels in [0, {n_classes - 1}] with n_classes >= 2")
-    if not 0.0 <= rate <= 1.0:
-        raise ValueError(f"rate must lie in [0, 1], got {rate}")
-    rows = (y if y.dim() == 2 else y[None]).clone()
-    n = rows.shape[1]
-    k = int(round(rate * n))
-    mask = torch.zeros(rows.shape, dtype=torch.bool)
-    for b in range(rows.shape[0]):
-        idx = torch.randperm(n, generator=generator)[:k]
-        shift = torch.randint(1, n_classes, (k,), generator=generator)  # never 0: always another class
-        rows[b, idx] = (rows[b, idx] + shift) % n_classes
-        mask[b, idx] = True
-    return (rows, mask) if y.dim() == 2 else (rows[0], mask[0])
-
-
-def keep_minority(y: torch.Tensor, minority: int, ratio: float, generator: torch.Generator) -> torch.Tensor:
-    """Indices that make a training set imbalanced: every example of the other classes, and of class
-    ``minority`` only enough to leave one minority example per ``ratio`` majority examples (at least 1).
-
-    Args:
-        y: (N,) int64 labels. ratio: majority examples per minority example, e.g. 20 for 1:20.
-    Returns:
-        Sorted (M,) int64 indices into ``y``. The count is the same for every generator, so splits of
-        equal class counts (stratified) stack into one batch of problems.
-    """
-    if y.dim() != 1 or y.dtype != torch.int64:
-        raise ValueError("y must be a 1-D int64 tensor of labels")
-    if not ratio >= 1:
-        raise ValueError(f"ratio must be >= 1, got {ratio}")
-    minority_idx = torch.nonzero(y == minority).flatten()
-    majority_idx = torch.nonzero(y != minority).flatten()
-    keep = max(1, int(round(len(majority_idx) / ratio)))
-    if keep > len(minority_idx):
-        raise ValueError(f"class {minority} has {len(minority_idx)} examples, fewer than the {keep} that ratio {ratio} needs")
-    chosen = minority_idx[torch.randperm(len(minority_idx), generator=generator)[:keep]]
-    return torch.sort(torch.cat([majority_idx, chosen])).values
-
-
-def blob_segmentation(n: int, size: int, generator: torch.Generator, *, empty_fraction: float = 0.3,
-                      radius=(1.5, 4.0), noise: float = 0.6) -> tuple[torch.Tensor, torch.Tensor]:
-    """A synthetic segmentation task with known ground truth: ``size`` x ``size`` images of Gaussian noise
-    (standard deviation ``noise``) plus, in a share ``1 - empty_fraction`` of them, one disc of
-    brightness 1 at a random centre with a random radius in ``radius``; the mask is the disc. The other
-    images are noise only, with an empty mask.
-
-    Returns:
-        images (n, 1, size, size) float32 and masks (n, 1, size, size) float32 in {0, 1}.
-    """
-    if n < 1 or size < 4:
-        raise ValueError(f"need n >= 1 and size >= 4, got n={n}, size={size}")
-    if not 0.0 <= empty_fraction <= 1.0:
-        raise ValueError(f"empty_fraction must lie in [0, 1], got {empty_fraction}")
-    yy, xx = torch.meshgrid(torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32),
-                            indexing="ij")
-    centres = torch.rand(n, 2, generator=generator) * (size - 1)
-    radii = radius[0] + (radius[1] - radius[0]) * torch.rand(n, generator=generator)
-    has_blob = torch.rand(n, generator=generator) >= empty_fraction
-    dist2 = (yy[None] - centres[:, 0, None, None]) ** 2 + (xx[None] - centres[:, 1, None, None]) ** 2
-    masks = ((dist2 <= radii[:, None, None] ** 2) & has_blob[:, None, None]).float()
-    images = masks + noise * torch.randn(n, size, size, generator=generator)
-    return images[:, None], masks[:, None]
-
-
 def load_digit_images() -> tuple[torch.Tensor, torch.Tensor]:
     """scikit-learn's digits as raw images: (1797, 8, 8) float32 pixel intensities 0-16, and (1797,)
     int64 labels (for augmentations that move pixels, which standardized features cannot)."""
@@ -411,119 +342,3 @@ def load_digit_images() -> tuple[torch.Tensor, torch.Tensor]:
 
     ds = _load()
     return torch.as_tensor(ds.images, dtype=torch.float32), torch.as_tensor(ds.target, dtype=torch.int64)
-
-
-def digit_view(images: torch.Tensor, generator: torch.Generator, *, max_shift: int = 1,
-               noise: float = 2.0) -> torch.Tensor:
-    """One random augmented view of (N, 8, 8) digit images: each shifted by up to ``max_shift`` pixels in
-    each direction (zeros shifted in), plus Gaussian pixel noise of standard deviation ``noise``; returned
-    flattened and scaled to (N, 64) with pixel values divided by 16."""
-    if images.dim() != 3:
-        raise ValueError(f"images must have shape (N, H, W), got {tuple(images.shape)}")
-    n, h, w = images.shape
-    pad = torch.nn.functional.pad(images, (max_shift,) * 4)
-    dy = torch.randint(0, 2 * max_shift + 1, (n,), generator=generator)
-    dx = torch.randint(0, 2 * max_shift + 1, (n,), generator=generator)
-    rows = (dy[:, None] + torch.arange(h)[None])[:, :, None].expand(n, h, w)
-    cols = (dx[:, None] + torch.arange(w)[None])[:, None, :].expand(n, h, w)
-    shifted = pad[torch.arange(n)[:, None, None], rows, cols]
-    out = shifted + noise * torch.randn(n, h, w, generator=generator)
-    return (out / 16).reshape(n, h * w)
-
-
-# ----------------------------------------------------------------------------------------------------
-# A synthetic instruction data set with known answers and controlled response lengths (for SFT)
-
-INSTRUCTION_TASKS = ("repeat", "count", "reverse")
-INSTRUCTION_STOP = "|"  # ends every response; generating it is how a model says "done"
-INSTRUCTION_PAD = "_"  # fills a batch row after the stop token; never takes a loss
-_LETTERS = "abcdefghijklmnopqrstuvwxyz"
-INSTRUCTION_VOCAB = _LETTERS + "0123456789" + "RCV:*>" + INSTRUCTION_STOP + INSTRUCTION_PAD
-
-
-@dataclass(frozen=True)
-class Instruction:
-    """One example: ``prompt`` (ends with ``>``), the one correct ``response`` (ends with the stop
-    token), the ``task`` it comes from and the response's length in characters, stop token included."""
-
-    task: str
-    prompt: str
-    response: str
-
-    @property
-    def response_length(self) -> int:
-        return len(self.response)
-
-
-def make_instruction(task: str, length: int, generator: torch.Generator) -> Instruction:
-    """An instruction whose correct response is ``length`` characters long, stop token included.
-
-    - ``repeat``: ``R:ab*3>`` -> ``ababab|`` (a random pattern of 1-3 letters whose length divides
-      ``length - 1``, repeated).
-    - ``count``: ``C:7>`` -> ``1234567|`` (digits 1, 2, ..., n written mod 10).
-    - ``reverse``: ``V:word>`` -> ``drow|`` (a random word of ``length - 1`` letters, reversed).
-    """
-    if task not in INSTRUCTION_TASKS:
-        raise ValueError(f"task must be one of {INSTRUCTION_TASKS}, got {task!r}")
-    if not isinstance(length, int) or length < 2:
-        raise ValueError(f"length must be an int >= 2 (one character and the stop token), got {length!r}")
-    n = length - 1  # characters before the stop token
-
-    def letters(k: int) -> str:
-        return "".join(_LETTERS[i] for i in torch.randint(0, 26, (k,), generator=generator).tolist())
-
-    if task == "repeat":
-        sizes = [k for k in (1, 2, 3) if n % k == 0]
-        size = sizes[int(torch.randint(0, len(sizes), (1,), generator=generator))]
-        pattern = letters(size)
-        return Instruction(task, f"R:{pattern}*{n // size}>", pattern * (n // size) + INSTRUCTION_STOP)
-    if task == "count":
-        return Instruction(task, f"C:{n}>", "".join(str(i % 10) for i in range(1, n + 1)) + INSTRUCTION_STOP)
-    word = letters(n)
-    return Instruction(task, f"V:{word}>", word[::-1] + INSTRUCTION_STOP)
-
-
-def make_instructions(n: int, generator: torch.Generator, *, lengths: tuple[int, int] = (2, 49),
-                      tasks=INSTRUCTION_TASKS) -> list[Instruction]:
-    """``n`` instructions with tasks drawn uniformly from ``tasks`` and response lengths drawn uniformly
-    from ``lengths[0]`` to ``lengths[1]`` inclusive (stop token included)."""
-    lo, hi = lengths
-    if not 2 <= lo <= hi:
-        raise ValueError(f"lengths must satisfy 2 <= low <= high, got {lengths}")
-    if n < 1 or not tasks or any(t not in INSTRUCTION_TASKS for t in tasks):
-        raise ValueError(f"need n >= 1 and tasks from {INSTRUCTION_TASKS}, got n={n}, tasks={tasks}")
-    out = []
-    for _ in range(n):
-        task = tasks[int(torch.randint(0, len(tasks), (1,), generator=generator))]
-        length = int(torch.randint(lo, hi + 1, (1,), generator=generator))
-        out.append(make_instruction(task, length, generator))
-    return out
-
-
-def instruction_batch(examples: list[Instruction], tokenizer: CharTokenizer | None = None, *,
-                      mask_prompt: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Token ids for next-token training on prompt + response, one row per example, padded.
-
-    Returns ``x`` (B, T) inputs, ``y`` (B, T) targets (``x`` shifted by one; padding, and with
-    ``mask_prompt`` the positions that predict prompt characters, set to -100) and ``response_mask``
-    (B, T) True where ``y`` is a response character or the stop token. T is the longest example's
-    length minus one.
-    """
-    if not examples:
-        raise ValueError("examples must not be empty")
-    tok = tokenizer or CharTokenizer(INSTRUCTION_VOCAB)
-    seqs = [tok.encode(e.prompt + e.response) for e in examples]
-    T = max(len(s) for s in seqs) - 1
-    pad = tok.stoi[INSTRUCTION_PAD]
-    x = torch.full((len(seqs), T), pad, dtype=torch.long)
-    y = torch.full((len(seqs), T), -100, dtype=torch.long)
-    response = torch.zeros((len(seqs), T), dtype=torch.bool)
-    for i, (e, s) in enumerate(zip(examples, seqs)):
-        ids = torch.tensor(s, dtype=torch.long)
-        x[i, : len(s) - 1] = ids[:-1]
-        y[i, : len(s) - 1] = ids[1:]
-        first = len(e.prompt) - 1  # the position whose target is the response's first character
-        response[i, first : len(s) - 1] = True
-    if mask_prompt:
-        y = y.masked_fill(~response, -100)
-    return x, y, response

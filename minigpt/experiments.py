@@ -97,8 +97,46 @@ def summary_table(results: dict[str, list], confidence: float = 0.95) -> list[di
     return rows
 
 
-def markdown_table(rows: list[dict], digits: int = 4, label: str = "method") -> str:
-    """A Markdown table of :func:`summary_table` rows, mean with its interval, for a glued table."""
+def ci_cell(values, digits: int = 3, *, scale: float = 1.0, suffix: str = "", signed: bool = False) -> str:
+    """A table cell "mean ± half-width" of per-seed ``values`` (or of a :class:`MeanCI`), each times
+    ``scale`` (100 for percentages), with ``digits`` decimals and ``suffix`` after the mean:
+    ``ci_cell([0.41, 0.45, 0.43], 1, scale=100, suffix="%")`` -> ``"43.0% ± 5.0"``."""
+    ci = values if isinstance(values, MeanCI) else mean_ci(values)
+    sign = "+" if signed else ""
+    return f"{scale * ci.mean:{sign}.{digits}f}{suffix} ± {scale * ci.half_width:.{digits}f}"
+
+
+def markdown_table(rows, digits: int = 4, label: str = "method") -> str:
+    """A Markdown table for a glued table (``{glue:md}`` with ``:format: myst``).
+
+    ``rows`` is either
+
+    - a list of :func:`summary_table` rows: columns mean, 95% interval and seeds; or
+    - a mapping ``{row label: {column: cell}}``, every row with the same columns in the same order. A
+      cell is a string (used as it is: see :func:`ci_cell`), a :class:`MeanCI` or a list of per-seed
+      values (both shown as "mean ± half-width" with ``digits`` decimals), or a number.
+
+    ``label`` heads the first column.
+    """
+    if isinstance(rows, dict):
+        if not rows:
+            raise ValueError("rows must not be empty")
+        columns = list(next(iter(rows.values())))
+        for name, cells in rows.items():
+            if list(cells) != columns:
+                raise ValueError(f"row {name!r} has columns {list(cells)}, expected {columns}")
+
+        def show(cell) -> str:
+            if isinstance(cell, str):
+                return cell
+            if isinstance(cell, (MeanCI, list, tuple)):
+                return ci_cell(cell, digits)
+            return f"{float(cell):.{digits}f}"
+
+        lines = ["| " + " | ".join([label, *columns]) + " |", "| " + " | ".join(["---"] * (len(columns) + 1)) + " |"]
+        lines += ["| " + " | ".join([str(name), *(show(c) for c in cells.values())]) + " |"
+                  for name, cells in rows.items()]
+        return "\n".join(lines)
     lines = [f"| {label} | mean | 95% interval | seeds |", "| --- | --- | --- | --- |"]
     for r in rows:
         lines.append(f"| {r['name']} | {r['mean']:.{digits}f} | [{r['low']:.{digits}f}, "

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .losses._checks import IGNORE_INDEX
+from .losses import IGNORE_INDEX, REDUCTIONS
 
 # A token-level loss with torch.nn.functional's calling convention:
 #     loss_fn(input (N, V) logits, target (N,) int64, reduction="mean"|"sum"|"none") -> tensor
@@ -118,7 +118,7 @@ class GPT(nn.Module):
     Args:
         config: sizes, see :class:`GPTConfig`.
         loss_fn: the training loss, called as ``loss_fn(logits (N, V), targets (N,), reduction=...)``
-            with N = B*T. Default ``F.cross_entropy`` (``ignore_index=-100``). Any loss from
+            with N = B*T. Default ``F.cross_entropy`` (``ignore_index=IGNORE_INDEX``). Any loss from
             ``minigpt.losses`` with torch's conventions fits.
     """
 
@@ -175,6 +175,11 @@ class GPT(nn.Module):
             )
         if ids.shape[1] == 0:
             raise ValueError(f"{name} has sequence length 0")
+        if ids.device.type != "cpu":
+            # Reading a value check back from an accelerator stalls it once per call. minigpt's batches
+            # are checked on the CPU before the copy (the corpus's ids once at load, instruction batches
+            # when they are built); on the device an id out of range fails in the embedding instead.
+            return
         V = self.config.vocab_size
         out_of_range = (ids < 0) | (ids >= V)
         if allow_ignore:
@@ -196,7 +201,8 @@ class GPT(nn.Module):
 
         Args:
             idx: (B, T) int64 token ids, T <= block_size.
-            targets: (B, T) int64 next-token ids; ``-100`` marks a position that takes no loss.
+            targets: (B, T) int64 next-token ids; ``IGNORE_INDEX`` marks a position that takes no loss.
+                Id values are checked on the CPU only (see ``_check_ids``); shapes and dtypes always.
             loss_fn: overrides the model's loss for this call.
             reduction: ``"mean"`` (over non-ignored tokens), ``"sum"``, or ``"none"``: per-token losses
                 of shape (B, T), zero at ignored positions.
@@ -208,10 +214,10 @@ class GPT(nn.Module):
             self._check_ids("targets", targets, allow_ignore=True)
             if targets.shape != idx.shape:
                 raise ValueError(f"targets must have the shape of idx {tuple(idx.shape)}, got {tuple(targets.shape)}")
-            if bool((targets == IGNORE_INDEX).all()):
-                raise ValueError("targets are all ignored (-100): a fully masked batch has no loss to take")
-        if reduction not in ("mean", "sum", "none"):
-            raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+            if targets.device.type == "cpu" and bool((targets == IGNORE_INDEX).all()):
+                raise ValueError(f"targets are all ignored ({IGNORE_INDEX}): a fully masked batch has no loss to take")
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
 
         B, T = idx.shape
         pos = torch.arange(T, device=idx.device)

@@ -1,12 +1,17 @@
 """Supervised fine-tuning on the synthetic instruction set (chapter 6), and what to measure afterwards.
 
-- :func:`sft_model_config`: the model size per scale, with a block long enough for prompt, response and
-  the generation cap.
-- :func:`sft_batch_loss` / :func:`train_sft`: next-token training where the per-token losses are combined
-  by one of the reductions of :mod:`minigpt.losses.sequence`, with the prompt masked, weighted, or taking
-  a loss like the response.
+Training goes through :func:`minigpt.train.train` like everything else; this module supplies the task:
+
+- :func:`sft_setup` / :func:`sft_model_config`: the experiment and model size per scale, with a block long
+  enough for prompt, response and the generation cap.
+- :func:`sft_batch_fn`: batches of instructions drawn with replacement (``get_batch`` for ``train``).
+- :func:`sft_batch_loss`: the batch loss for ``train``: :func:`minigpt.losses.sft_loss` under one of the
+  sequence reductions with the prompt masked by :func:`minigpt.losses.mask_prompt`, or the prompt
+  weighted against the response.
+- :func:`run_sft`: a fresh model fine-tuned under one loss and seed, then evaluated.
 - :func:`evaluate_responses`: per held-out example, the response's token losses (content and stop token),
-  whether greedy decoding gives exactly the right answer, and the length it generates.
+  whether greedy decoding gives exactly the right answer, and the length it generates;
+  :meth:`ResponseEval.rates` summarises exact answers, early and late stops.
 - :func:`bucket_gradient_shares`: how much of one batch's gradient each response-length bucket supplies.
 - :func:`accumulated_gradient`: the gradient of an optimizer step split into micro-batches, normalised
   the wrong way (mean of micro-batch means) or the right way (by the step's total token count).
@@ -16,19 +21,18 @@ Shapes: B examples, T positions; lengths count characters, the stop token includ
 
 from __future__ import annotations
 
-import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn as nn
-from tqdm import tqdm  # the plain bar: tqdm.auto warns in kernels without ipywidgets
 
-from .data import (INSTRUCTION_PAD, INSTRUCTION_STOP, INSTRUCTION_VOCAB, CharTokenizer, Instruction, instruction_batch,
-                   make_instructions)
-from .losses.sequence import REDUCTIONS, sequence_loss, token_nll, token_weights, weighted_token_mean
+from . import losses
+from .instructions import (INSTRUCTION_PAD, INSTRUCTION_STOP, INSTRUCTION_VOCAB, CharTokenizer, Instruction,
+                           InstructionBatch, instruction_batch, make_instructions)
+from .losses import IGNORE_INDEX, SEQUENCE_REDUCTIONS
 from .model import GPT, GPTConfig
-from .train import TrainConfig, configure_optimizer, lr_at
+from .train import BatchFn, BatchLoss, TrainConfig, TrainResult, train
 
 TOKENIZER = CharTokenizer(INSTRUCTION_VOCAB)
 STOP_ID = TOKENIZER.stoi[INSTRUCTION_STOP]
@@ -48,7 +52,7 @@ class SFTSetup:
     n_test: int = 300
     batch_size: int = 16
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        max_iters=400, learning_rate=3e-3, min_lr=3e-4, warmup_iters=50, weight_decay=0.0, progress=False))
+        max_iters=400, learning_rate=3e-3, min_lr=3e-4, warmup_iters=50, weight_decay=0.0, eval_iters=0))
     max_extra: int = 10  # greedy decoding may run this many characters past the longest correct response
 
     @property
@@ -68,16 +72,16 @@ def sft_setup(scale: str) -> SFTSetup:
         return SFTSetup("small")
     if scale == "full":
         return SFTSetup("full", n_test=600, batch_size=32, train=TrainConfig(
-            max_iters=1500, learning_rate=1e-3, min_lr=1e-4, warmup_iters=100, weight_decay=0.0, progress=None))
+            max_iters=1500, learning_rate=1e-3, min_lr=1e-4, warmup_iters=100, weight_decay=0.0, eval_iters=0))
     raise ValueError(f"scale must be 'small' or 'full', got {scale!r}")
 
 
 @dataclass
 class SFTRun:
-    """A fine-tuned model with its training history and held-out evaluation."""
+    """A fine-tuned model with its training result (history, time) and held-out evaluation."""
 
     model: GPT
-    history: SFTHistory
+    result: TrainResult
     evaluation: "ResponseEval"
     seconds: float
 
@@ -93,17 +97,17 @@ def sft_data(setup: SFTSetup, seed: int) -> tuple[list[Instruction], list[Instru
 
 def run_sft(setup: SFTSetup, seed: int, *, reduction: str = "token_mean", alpha: float = 0.5,
             prompt_weight: float = 0.0, device: torch.device | str = "cpu") -> SFTRun:
-    """Fine-tune a fresh model under ``setup`` with one loss and seed, then evaluate it on held-out
-    examples."""
-    train, test = sft_data(setup, seed)
+    """Fine-tune a fresh model under ``setup`` with one loss and seed (through :func:`minigpt.train.train`),
+    then evaluate it on held-out examples."""
+    train_examples, test_examples = sft_data(setup, seed)
+    batch_loss = sft_batch_loss(reduction=reduction, alpha=alpha, prompt_weight=prompt_weight)
     torch.manual_seed(seed)
     model = GPT(sft_model_config(setup.scale, setup.block_size)).to(device)
     t0 = time.perf_counter()
-    config = TrainConfig(**{**setup.train.__dict__, "seed": seed})
-    history = train_sft(model, train, config, batch_size=setup.batch_size, reduction=reduction, alpha=alpha,
-                        prompt_weight=prompt_weight)
-    evaluation = evaluate_responses(model, test, max_extra=setup.max_extra)
-    return SFTRun(model, history, evaluation, time.perf_counter() - t0)
+    result = train(model, sft_batch_fn(train_examples, setup.batch_size, device=device),
+                   replace(setup.train, seed=seed), batch_loss=batch_loss)
+    evaluation = evaluate_responses(model, test_examples, max_extra=setup.max_extra)
+    return SFTRun(model, result, evaluation, time.perf_counter() - t0)
 
 
 def sft_model_config(scale: str, block_size: int) -> GPTConfig:
@@ -121,92 +125,72 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def sft_batch_loss(model: GPT, examples: list[Instruction], *, reduction: str = "token_mean", alpha: float = 0.5,
-                   prompt_weight: float = 0.0, num_items: int | None = None) -> torch.Tensor:
-    """The fine-tuning loss of one batch.
-
-    Args:
-        model: a :class:`GPT` over :data:`~minigpt.data.INSTRUCTION_VOCAB`.
-        examples: the batch.
-        reduction: how response tokens' losses combine, one of ``minigpt.losses.sequence.REDUCTIONS``.
-        alpha: exponent of ``"length_normalized"`` (the loss divides each sequence's sum by ``T**alpha``).
-        prompt_weight: 0 masks the prompt (only the response takes a loss); 1 trains on the whole sequence;
-            values between weight prompt tokens against response tokens (the source notes use 0.1).
-            Weights other than 0 combine with ``"token_mean"`` only: ``sum w l / sum w``.
-        num_items: for gradient accumulation, the count the reduction normalises by over the whole step.
-    """
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if not 0.0 <= prompt_weight:
-        raise ValueError(f"prompt_weight must be >= 0, got {prompt_weight}")
-    if prompt_weight > 0 and reduction != "token_mean":
-        raise ValueError(f"prompt_weight > 0 is defined for reduction='token_mean' only, got {reduction!r}")
-    device = _device(model)
-    x, y, response = (t.to(device) for t in instruction_batch(examples, TOKENIZER, mask_prompt=prompt_weight == 0))
-    logits, _ = model(x)
-    nll = token_nll(logits, y)
-    if prompt_weight == 0:
-        return sequence_loss(nll, y != -100, reduction=reduction, alpha=alpha, num_items=num_items)
-    weights = torch.where(response, 1.0, prompt_weight) * (y != -100)
-    return weighted_token_mean(nll, weights.to(nll.dtype))
-
-
-@dataclass
-class SFTHistory:
-    """Per optimizer step: the training loss (under the reduction trained with), the gradient norm before
-    clipping, the learning rate and the seconds it took."""
-
-    loss: list[float] = field(default_factory=list)
-    grad_norm: list[float] = field(default_factory=list)
-    lr: list[float] = field(default_factory=list)
-    seconds: list[float] = field(default_factory=list)
-
-
-def train_sft(model: GPT, examples: list[Instruction], config: TrainConfig, *, batch_size: int = 16,
-              reduction: str = "token_mean", alpha: float = 0.5, prompt_weight: float = 0.0) -> SFTHistory:
-    """Fine-tune ``model`` on batches of ``batch_size`` examples drawn with replacement from ``examples``.
-
-    Optimisation follows ``config`` as :func:`minigpt.train.train` does (AdamW, warmup and cosine,
-    clipping, ``config.seed`` for the batch order); ``config.max_iters`` is the number of updates. Its
-    evaluation and checkpoint fields are not used. The loss is :func:`sft_batch_loss`.
-    """
+def sft_batch_fn(examples: list[Instruction], batch_size: int, *, device: torch.device | str = "cpu",
+                 val_examples: list[Instruction] | None = None) -> BatchFn:
+    """``get_batch(split, generator)`` for :func:`minigpt.train.train`: ``batch_size`` examples drawn with
+    replacement from ``examples`` (``"train"``) or ``val_examples`` (``"val"``), as an
+    :class:`~minigpt.instructions.InstructionBatch` on ``device``."""
     if not examples:
         raise ValueError("examples must not be empty")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    sft_batch_loss(model, examples[:1], reduction=reduction, alpha=alpha, prompt_weight=prompt_weight)  # checks
-    gen = torch.Generator().manual_seed(config.seed)
-    optimizer = configure_optimizer(model, config)
-    params = [p for p in model.parameters() if p.requires_grad]
-    history = SFTHistory()
-    model.train()
-    optimizer.zero_grad(set_to_none=True)
-    bar = tqdm(range(config.max_iters), disable=(None if config.progress is None else not config.progress),
-               desc=f"sft {reduction}", unit="step", dynamic_ncols=True)
-    for step in bar:
-        t0 = time.perf_counter()
-        lr = lr_at(step, config)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        picks = torch.randint(0, len(examples), (batch_size,), generator=gen).tolist()
-        loss = sft_batch_loss(model, [examples[i] for i in picks], reduction=reduction, alpha=alpha,
-                              prompt_weight=prompt_weight)
-        loss.backward()
-        if config.grad_clip:
-            norm = float(torch.nn.utils.clip_grad_norm_(params, config.grad_clip))
-        else:
-            norm = float(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
-        if not (math.isfinite(loss.item()) and math.isfinite(norm)):
-            raise FloatingPointError(f"fine-tuning diverged at update {step + 1}: loss={float(loss)}, "
-                                     f"gradient norm={norm} (lr={lr:.3g})")
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        history.loss.append(loss.item())
-        history.grad_norm.append(norm)
-        history.lr.append(lr)
-        history.seconds.append(time.perf_counter() - t0)
-    model.eval()
-    return history
+    pools = {"train": examples, "val": val_examples}
+
+    def get_batch(split: str, generator: torch.Generator) -> InstructionBatch:
+        pool = pools.get(split)
+        if pool is None:
+            allowed = "'train' or 'val'" if val_examples else "'train' (no val_examples were given)"
+            raise ValueError(f"split must be {allowed}, got {split!r}")
+        picks = torch.randint(0, len(pool), (batch_size,), generator=generator).tolist()
+        return instruction_batch([pool[i] for i in picks], TOKENIZER).to(device)
+
+    return get_batch
+
+
+def sft_item_count(labels: torch.Tensor, reduction: str) -> int | torch.Tensor:
+    """What ``reduction`` averages over in a batch with ``labels`` (B, T): target tokens
+    (``"token_mean"``), sequences with at least one target (``"sequence_mean"``, ``"length_normalized"``),
+    or 1 (``"sum"``: a batch's loss is its sum). An int on the CPU, else a 0-d tensor (no device wait)."""
+    kept = labels != IGNORE_INDEX
+    if reduction == "sum":
+        return 1
+    count = kept.sum() if reduction == "token_mean" else kept.any(1).sum()
+    return int(count) if count.device.type == "cpu" else count
+
+
+def sft_batch_loss(*, reduction: str = "token_mean", alpha: float = 0.5, prompt_weight: float = 0.0) -> BatchLoss:
+    """The fine-tuning loss as a ``batch_loss(model, batch) -> (loss_sum, n_items)`` for
+    :func:`minigpt.train.train` (``loss_sum / n_items`` is the loss of the batch).
+
+    Args:
+        reduction: how response tokens' losses combine, one of ``minigpt.losses.SEQUENCE_REDUCTIONS``;
+            the loss is :func:`minigpt.losses.sft_loss`.
+        alpha: exponent of ``"length_normalized"`` (the loss divides each sequence's sum by ``T**alpha``).
+        prompt_weight: 0 masks the prompt with :func:`minigpt.losses.mask_prompt` (only the response takes
+            a loss); 1 trains on the whole sequence; values between weight prompt tokens against response
+            tokens (the source notes use 0.1), ``sum w l / sum w``. Weights other than 0 combine with
+            ``"token_mean"`` only.
+    """
+    if reduction not in SEQUENCE_REDUCTIONS:
+        raise ValueError(f"reduction must be one of {SEQUENCE_REDUCTIONS}, got {reduction!r}")
+    if not 0.0 <= prompt_weight:
+        raise ValueError(f"prompt_weight must be >= 0, got {prompt_weight}")
+    if prompt_weight > 0 and reduction != "token_mean":
+        raise ValueError(f"prompt_weight > 0 is defined for reduction='token_mean' only, got {reduction!r}")
+
+    def batch_loss(model: nn.Module, batch: InstructionBatch) -> tuple[torch.Tensor, int | torch.Tensor]:
+        logits, _ = model(batch.x)
+        if prompt_weight == 0:
+            labels = losses.mask_prompt(batch.y, batch.prompt_lengths)
+            # num_items=1: the reduction's sum over the batch; train divides by the update's items
+            loss_sum = losses.sft_loss(logits, labels, reduction=reduction, alpha=alpha, num_items=1)
+            return loss_sum, sft_item_count(labels, reduction)
+        nll = losses.token_nll(logits, batch.y)
+        weights = torch.where(batch.response_mask, 1.0, prompt_weight) * (batch.y != IGNORE_INDEX)
+        weights = weights.to(nll.dtype)
+        return (nll * weights).sum(), weights.sum()
+
+    return batch_loss
 
 
 @torch.no_grad()
@@ -251,6 +235,17 @@ def greedy_continue(model: GPT, prefixes: list[list[int]], *, max_new_tokens, st
     return [buffer[i, int(start[i]): int(lengths[i])].tolist() for i in range(B)]
 
 
+@dataclass(frozen=True)
+class ResponseRates:
+    """Fractions (0 to 1) of ``n`` held-out examples: ``exact`` (greedy decoding gives the correct
+    response), ``early`` (it stops before the correct length), ``late`` (it runs past it, or never stops)."""
+
+    exact: float
+    early: float
+    late: float
+    n: int
+
+
 @dataclass
 class ResponseEval:
     """Per held-out example (tensors of shape (N,)):
@@ -281,6 +276,18 @@ class ResponseEval:
         """Generated minus correct length: negative means the model stopped too early."""
         return self.generated_length - self.length
 
+    def rates(self) -> "ResponseRates":
+        """Shares of the examples answered exactly, stopped too early and run on too long."""
+        n = len(self.task)
+        return ResponseRates(exact=float(self.exact.double().mean()),
+                             early=float((self.length_error < 0).double().mean()),
+                             late=float((self.length_error > 0).double().mean()), n=n)
+
+    def by_task(self) -> dict[str, "ResponseRates"]:
+        """:meth:`rates` for each task, in the order the tasks first appear."""
+        tasks = list(dict.fromkeys(self.task))
+        return {t: self.select(torch.tensor([x == t for x in self.task])).rates() for t in tasks}
+
     def select(self, keep: torch.Tensor) -> "ResponseEval":
         """The examples where ``keep`` (N,) bool is True."""
         idx = keep.nonzero().squeeze(1).tolist()
@@ -306,10 +313,11 @@ def evaluate_responses(model: GPT, examples: list[Instruction], *, max_extra: in
     parts = {k: [] for k in ("content", "stop", "exact", "first", "first_is_stop")}
     for s in range(0, len(examples), batch_size):
         chunk = examples[s: s + batch_size]
-        x, y, _ = (t.to(device) for t in instruction_batch(chunk, TOKENIZER))
-        logits, _ = model(x)
-        nll = token_nll(logits, y)
-        kept = y != -100
+        batch = instruction_batch(chunk, TOKENIZER).to(device)
+        y = losses.mask_prompt(batch.y, batch.prompt_lengths)
+        logits, _ = model(batch.x)
+        nll = losses.token_nll(logits, y)
+        kept = y != IGNORE_INDEX
         is_stop = kept & (y == STOP_ID)
         parts["stop"].append((nll * is_stop).sum(1))
         parts["content"].append((nll * (kept & ~is_stop)).sum(1))
@@ -318,8 +326,7 @@ def evaluate_responses(model: GPT, examples: list[Instruction], *, max_extra: in
         parts["exact"].append(~wrong.any(1))
         first_pos = torch.where(wrong.any(1), wrong.float().argmax(1), torch.zeros_like(wrong[:, 0], dtype=torch.long))
         # response index of the first error: positions count from the one that predicts the first character
-        prompt_start = kept.float().argmax(1)
-        parts["first"].append(first_pos - prompt_start)
+        parts["first"].append(first_pos - batch.prompt_lengths)
         parts["first_is_stop"].append(pred.gather(1, first_pos[:, None]).squeeze(1) == STOP_ID)
     model.train(was_training)
     content, stop = torch.cat(parts["content"]).cpu(), torch.cat(parts["stop"]).cpu()
@@ -363,12 +370,13 @@ def bucket_gradient_shares(model: GPT, examples: list[Instruction], buckets: tor
         raise ValueError(f"buckets must have shape ({len(examples)},), got {tuple(buckets.shape)}")
     K = int(buckets.max()) + 1
     device = _device(model)
-    x, y, _ = (t.to(device) for t in instruction_batch(examples, TOKENIZER))
-    mask = y != -100
-    weights = token_weights(mask, reduction=reduction, alpha=alpha).to(device)
+    batch = instruction_batch(examples, TOKENIZER).to(device)
+    y = losses.mask_prompt(batch.y, batch.prompt_lengths)
+    mask = y != IGNORE_INDEX
+    weights = losses.token_weights(mask, reduction=reduction, alpha=alpha).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
-    logits, _ = model(x)
-    nll = torch.where(mask, token_nll(logits, y), 0.0)
+    logits, _ = model(batch.x)
+    nll = torch.where(mask, losses.token_nll(logits, y), 0.0)
     grads = []
     for b in range(K):
         w = (weights * (buckets == b).to(device)[:, None]).to(nll.dtype)
@@ -385,21 +393,22 @@ def accumulated_gradient(model: GPT, micro_batches: list[list[Instruction]], *, 
 
     ``normalise="micro_mean"``: each micro-batch's token mean, averaged over micro-batches (what a loop
     that divides each micro-batch's mean loss by the number of micro-batches computes).
-    ``normalise="global"``: each micro-batch's token sum divided by the step's total token count.
-    Only ``"global"`` equals the gradient of the token mean over the union of the micro-batches.
+    ``normalise="global"``: each micro-batch's token sum divided by the step's total token count, which
+    is what :func:`minigpt.train.train` does. Only ``"global"`` equals the gradient of the token mean over
+    the union of the micro-batches.
     """
     if normalise not in ("micro_mean", "global"):
         raise ValueError(f"normalise must be 'micro_mean' or 'global', got {normalise!r}")
     if not micro_batches or any(len(mb) == 0 for mb in micro_batches):
         raise ValueError("micro_batches must be a non-empty list of non-empty batches")
+    device = _device(model)
+    batch_loss = sft_batch_loss(reduction="token_mean")
     total_tokens = sum(e.response_length for mb in micro_batches for e in mb)
     params = [p for p in model.parameters() if p.requires_grad]
     grad = [torch.zeros_like(p) for p in params]
     for mb in micro_batches:
-        if normalise == "global":
-            loss = sft_batch_loss(model, mb, reduction="token_mean", num_items=total_tokens)
-        else:
-            loss = sft_batch_loss(model, mb, reduction="token_mean") / len(micro_batches)
+        loss_sum, n_tokens = batch_loss(model, instruction_batch(mb, TOKENIZER).to(device))
+        loss = loss_sum / total_tokens if normalise == "global" else loss_sum / n_tokens / len(micro_batches)
         for acc, g in zip(grad, torch.autograd.grad(loss, params)):
             acc += g
     return torch.cat([g.reshape(-1) for g in grad])

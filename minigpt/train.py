@@ -1,14 +1,26 @@
-"""The training loop every chapter shares.
+"""The one training loop every chapter uses: language models, fine-tuning, and small models alike.
 
 AdamW with decay and no-decay parameter groups, linear warmup then cosine decay, gradient clipping that
-records the norm before clipping, gradient accumulation normalised by the true token count, periodic
-train/validation evaluation on fixed batches, early stopping that restores the best weights, NaN/inf
-detection, a progress bar, and checkpoints that resume to the same numbers.
+records the norm before clipping, gradient accumulation normalised by the item count of the whole
+update, periodic train/validation evaluation on fixed batches, early stopping that restores the best
+weights, NaN/inf detection, a progress bar, and checkpoints that resume to the same numbers.
 
-A batch source is any function ``get_batch(split, generator) -> (x, y)`` with ``split`` in
-``{"train", "val"}``; :meth:`minigpt.data.CharCorpus.batch_fn` makes one. The model is called as
-``model(x, y, loss_fn=..., reduction="sum")`` and must return ``(output, summed_loss)``, as
-:class:`minigpt.model.GPT` does.
+Two functions describe a task:
+
+- ``get_batch(split, generator) -> batch`` with ``split`` in ``{"train", "val"}``: draws a batch (any
+  object) with the CPU generator it is given. :meth:`minigpt.data.CharCorpus.batch_fn` makes one for
+  tiny Shakespeare, :func:`minigpt.sft.sft_batch_fn` for the instruction set.
+- ``batch_loss(model, batch) -> (loss_sum, n_items)``: the loss *summed* over the batch's items and how
+  many items it holds (tokens, sequences, examples: whatever the loss averages over). The default,
+  :func:`language_model_loss`, is the next-token loss of an ``(x, y)`` batch over its target tokens.
+
+Every update divides the summed loss of all its micro-batches by their total item count, so k
+micro-batches give exactly the gradient of one batch k times the size, for any loss.
+
+Reproducibility: on the CPU a run is bit-identical for a fixed seed and thread count, and resuming from
+a checkpoint reproduces the uninterrupted run. On CUDA the same holds only up to floating-point
+non-determinism: the attention backward and some reductions use atomics unless
+``torch.use_deterministic_algorithms(True)`` is set (slower), so curves agree closely, not bit for bit.
 """
 
 from __future__ import annotations
@@ -18,15 +30,19 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
-from tqdm import tqdm
+from tqdm import tqdm  # the plain text bar: tqdm.auto needs ipywidgets in Jupyter and warns without them
 
-from .model import GPT, IGNORE_INDEX, GPTConfig, LossFn
+from .config import progress_default
+from .losses import IGNORE_INDEX
+from .model import GPT, GPTConfig, LossFn
 
-BatchFn = Callable[[str, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
+BatchFn = Callable[[str, torch.Generator], Any]
+# batch_loss(model, batch) -> (loss summed over the batch's items, number of items: int or 0-d tensor)
+BatchLoss = Callable[[nn.Module, Any], tuple[torch.Tensor, "int | float | torch.Tensor"]]
 
 EVAL_SEED = 1337  # evaluation batches are the same at every evaluation and for every training seed
 
@@ -55,8 +71,17 @@ class TrainConfig:
     checkpoint_path: str | None = None  # may hold "{step}" to keep one file per checkpoint
     checkpoint_interval: int | None = None  # steps between checkpoints; default eval_interval
     seed: int = 0  # seeds batch sampling and dropout
-    progress: bool | None = None  # None: a progress bar only when stderr is a terminal
+    progress: bool | None = None  # None: minigpt.config.progress_default() (on for readers, off in tests and builds)
     on_nonfinite: str = "raise"  # "raise" TrainingDiverged, or "stop" and return what was done
+
+    @classmethod
+    def adam(cls, steps: int, lr: float, seed: int = 0, **overrides) -> "TrainConfig":
+        """Plain Adam at a constant learning rate for ``steps`` updates: no warmup, decay, weight decay,
+        clipping or evaluation, and PyTorch's default betas. What a small model on a small synthetic task
+        needs (chapter 3's segmentation net and contrastive encoder)."""
+        settings = dict(max_iters=steps, learning_rate=lr, min_lr=lr, warmup_iters=0, weight_decay=0.0,
+                        beta2=0.999, grad_clip=None, eval_iters=0, seed=seed)
+        return cls(**{**settings, **overrides})
 
     def __post_init__(self):
         positive = ("max_iters", "grad_accum_steps", "eval_interval")
@@ -123,9 +148,10 @@ def configure_optimizer(model: nn.Module, config: TrainConfig, fused: bool = Tru
 
 @dataclass
 class History:
-    """What a run recorded. Per update: ``step`` (1-based count of updates done), training ``loss`` (token
-    mean over the update's micro-batches), ``lr``, ``grad_norm`` (global L2 norm before clipping) and
-    ``seconds`` (wall time of the update). Per evaluation: ``eval_step``, ``train_loss``, ``val_loss``."""
+    """What a run recorded. Per update: ``step`` (1-based count of updates done), training ``loss`` (the
+    batch loss's sum over the update's micro-batches divided by their items: the token mean for a
+    language model), ``lr``, ``grad_norm`` (global L2 norm before clipping) and ``seconds`` (wall time of
+    the update). Per evaluation: ``eval_step``, ``train_loss``, ``val_loss``."""
 
     step: list[int] = field(default_factory=list)
     loss: list[float] = field(default_factory=list)
@@ -154,7 +180,7 @@ class TrainResult:
     steps_done: int
     stop_reason: str  # "max_iters", "early_stopping" or "non-finite ..."
     seconds: float
-    tokens: int  # target tokens seen in training (ignored positions excluded)
+    tokens: float  # items seen in training: target tokens for a language model (ignored positions excluded)
 
 
 class TrainingDiverged(FloatingPointError):
@@ -166,11 +192,31 @@ class TrainingDiverged(FloatingPointError):
         self.history = history
 
 
-def count_targets(targets: torch.Tensor) -> int:
-    """Number of positions that take a loss (integer targets equal to -100 are ignored)."""
+def count_targets(targets: torch.Tensor) -> int | torch.Tensor:
+    """Number of positions that take a loss (integer targets equal to ``IGNORE_INDEX`` are ignored).
+
+    An int for CPU tensors; on an accelerator a 0-d tensor, so that counting does not wait for the device.
+    """
     if targets.dtype in (torch.int64, torch.int32):
-        return int((targets != IGNORE_INDEX).sum())
+        count = (targets != IGNORE_INDEX).sum()
+        return int(count) if count.device.type == "cpu" else count
     return targets.numel()
+
+
+def language_model_loss(loss_fn: LossFn | None = None) -> BatchLoss:
+    """The next-token batch loss for ``(x, y)`` batches: ``model(x, y, loss_fn=loss_fn, reduction="sum")``
+    summed over target tokens, and the number of target tokens.
+
+    ``loss_fn`` is a token-level loss with ``torch.nn.functional``'s convention (the model's own if None),
+    e.g. ``functools.partial(minigpt.losses.cross_entropy, label_smoothing=0.1)``.
+    """
+
+    def batch_loss(model: nn.Module, batch) -> tuple[torch.Tensor, int | torch.Tensor]:
+        x, y = batch
+        _, loss_sum = model(x, y, loss_fn=loss_fn, reduction="sum")
+        return loss_sum, count_targets(y)
+
+    return batch_loss
 
 
 @torch.no_grad()
@@ -180,25 +226,29 @@ def evaluate(
     split: str,
     iters: int = 20,
     seed: int = EVAL_SEED,
-    loss_fn: LossFn | None = None,
+    batch_loss: BatchLoss | None = None,
 ) -> float:
-    """Mean loss over ``iters`` batches of ``split``, in eval mode, on batches fixed by ``seed``.
+    """Mean loss per item over ``iters`` batches of ``split``, in eval mode, on batches fixed by ``seed``.
 
     Fixed batches make successive evaluations comparable (the curve moves because the model changes, not
     the sample) and leave the training batch stream untouched, so evaluating more often does not change
-    what the model trains on.
+    what the model trains on. ``batch_loss`` as in :func:`train` (default :func:`language_model_loss`).
     """
+    if not isinstance(iters, int) or iters < 1:
+        raise ValueError(f"iters must be a positive int, got {iters!r}")
+    batch_loss = batch_loss or language_model_loss()
     was_training = model.training
     model.eval()
     gen = torch.Generator().manual_seed(seed)
-    total, count = 0.0, 0
+    total, count = 0.0, 0.0
     for _ in range(iters):
-        x, y = get_batch(split, gen)
-        _, loss_sum = model(x, y, loss_fn=loss_fn, reduction="sum")
-        total += float(loss_sum)
-        count += count_targets(y)
+        loss_sum, n_items = batch_loss(model, get_batch(split, gen))
+        total = total + loss_sum.detach().double()
+        count = count + n_items
     model.train(was_training)
-    return total / count
+    if float(count) == 0:
+        raise ValueError(f"get_batch returned {iters} batches of split {split!r} with no items to evaluate")
+    return float(total) / float(count)
 
 
 def _rng_state(train_gen: torch.Generator) -> dict:
@@ -208,11 +258,20 @@ def _rng_state(train_gen: torch.Generator) -> dict:
     return state
 
 
-def _set_rng_state(state: dict, train_gen: torch.Generator) -> None:
+def _set_rng_state(state: dict, train_gen: torch.Generator, reseed: int) -> None:
+    """Restore the RNG states of a checkpoint. A checkpoint may come from a machine with more GPUs (only
+    the devices present are restored) or from one without CUDA; then CUDA's generators, which draw this
+    run's dropout masks on the GPU, are seeded from ``reseed`` rather than left at whatever they were."""
     torch.set_rng_state(state["torch"])
     train_gen.set_state(state["train_gen"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if not torch.cuda.is_available():
+        return
+    saved = state.get("cuda") or []
+    for index in range(torch.cuda.device_count()):
+        if index < len(saved):
+            torch.cuda.set_rng_state(saved[index], device=index)
+        else:
+            torch.cuda.default_generators[index].manual_seed(reseed + index)
 
 
 def save_checkpoint(path: str | os.PathLike, **payload) -> None:
@@ -248,23 +307,26 @@ def train(
     get_batch: BatchFn,
     config: TrainConfig | None = None,
     *,
-    loss_fn: LossFn | None = None,
+    batch_loss: BatchLoss | None = None,
     resume_from: str | os.PathLike | None = None,
     grad_hook: Callable[[int, nn.Module], None] | None = None,
 ) -> TrainResult:
     """Train ``model`` on batches from ``get_batch``; return the history and where it stopped.
 
     Args:
-        model: called as ``model(x, y, loss_fn=loss_fn, reduction="sum")`` -> ``(output, summed_loss)``.
-        get_batch: ``get_batch(split, generator) -> (x, y)`` with x, y on the model's device.
+        model: any ``nn.Module``; ``batch_loss`` says how it is called.
+        get_batch: ``get_batch(split, generator) -> batch``, the batch on the model's device.
         config: see :class:`TrainConfig`.
-        loss_fn: token-level loss to train with (the model's own if None).
+        batch_loss: ``batch_loss(model, batch) -> (loss_sum, n_items)``, the loss summed over the batch's
+            items and their number; each update minimises the sum over its micro-batches divided by their
+            total items. Default :func:`language_model_loss`: next-token loss of ``(x, y)`` batches.
         resume_from: a checkpoint written by an earlier run with the same configuration; training goes on
-            from its step and reproduces the uninterrupted run's numbers.
+            from its step and reproduces the uninterrupted run's numbers (on the CPU bit for bit).
         grad_hook: called as ``grad_hook(step, model)`` after the backward pass, before clipping, for
             gradient diagnostics.
     """
     cfg = config or TrainConfig()
+    batch_loss = batch_loss or language_model_loss()
     train_gen = torch.Generator()
     optimizer = configure_optimizer(model, cfg)
     history = History()
@@ -283,14 +345,14 @@ def train(
             )
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        _set_rng_state(ckpt["rng"], train_gen)
+        _set_rng_state(ckpt["rng"], train_gen, reseed=cfg.seed + ckpt["step"])
         history = History(**ckpt["history"])
         step = ckpt["step"]
         best = ckpt["best"]
         best_val, best_step, evals_since_best = best["val_loss"], best["step"], best["evals_since"]
         best_state = best["state"]
     else:
-        torch.manual_seed(cfg.seed)  # dropout
+        torch.manual_seed(cfg.seed)  # dropout (this seeds every CUDA device too)
         train_gen.manual_seed(cfg.seed)  # batch sampling
 
     checkpoint_every = cfg.checkpoint_interval or cfg.eval_interval
@@ -302,8 +364,8 @@ def train(
         nonlocal best_val, best_step, best_state, evals_since_best
         if cfg.eval_iters == 0:
             return
-        tr = evaluate(model, get_batch, "train", cfg.eval_iters, loss_fn=loss_fn)
-        va = evaluate(model, get_batch, "val", cfg.eval_iters, loss_fn=loss_fn)
+        tr = evaluate(model, get_batch, "train", cfg.eval_iters, batch_loss=batch_loss)
+        va = evaluate(model, get_batch, "val", cfg.eval_iters, batch_loss=batch_loss)
         history.eval_step.append(step)
         history.train_loss.append(tr)
         history.val_loss.append(va)
@@ -333,10 +395,11 @@ def train(
         run_eval()  # step 0: the loss at initialisation
 
     stop_reason = "max_iters"
-    tokens = 0
+    tokens = 0.0
     start_time = time.perf_counter()
-    bar = tqdm(total=cfg.max_iters, initial=step, disable=(None if cfg.progress is None else not cfg.progress),
-               desc="train", unit="step", dynamic_ncols=True)
+    show = progress_default() if cfg.progress is None else cfg.progress
+    bar = tqdm(total=cfg.max_iters, initial=step, disable=not show, desc="train", unit="step",
+               dynamic_ncols=True, mininterval=0.5)
     try:
         while step < cfg.max_iters:
             t0 = time.perf_counter()
@@ -344,25 +407,40 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = lr
 
-            # Gradient accumulation done right: every micro-batch's summed loss is divided by the token
-            # count of the whole update, so the gradient equals that of one big batch even when
-            # micro-batches hold different numbers of tokens (a mean of micro-batch means does not).
-            micro_batches = [get_batch("train", train_gen) for _ in range(cfg.grad_accum_steps)]
-            n_tokens = sum(count_targets(y) for _, y in micro_batches)
-            if n_tokens == 0:
-                raise ValueError(f"get_batch returned only ignored targets (-100) for update {step + 1}")
-            loss_sum = 0.0
-            for x, y in micro_batches:
-                _, micro_loss = model(x, y, loss_fn=loss_fn, reduction="sum")
-                (micro_loss / n_tokens).backward()
-                loss_sum += micro_loss.detach()
-            loss = float(loss_sum) / n_tokens
+            # Gradient accumulation done right: the update minimises (sum of the micro-batches' summed
+            # losses) / (their total item count), so its gradient equals that of one big batch even when
+            # micro-batches hold different numbers of items (a mean of micro-batch means does not). Each
+            # micro-batch's graph is freed after its backward; the gradients, a plain sum so far, are
+            # divided by the item count once it is known.
+            loss_sum, n_items = 0.0, 0
+            for _ in range(cfg.grad_accum_steps):
+                micro_loss, micro_items = batch_loss(model, get_batch("train", train_gen))
+                micro_loss.backward()
+                loss_sum = loss_sum + micro_loss.detach()
+                n_items = n_items + micro_items
+            grads = [p.grad for p in params if p.grad is not None]
+            scale = 1.0 / n_items if isinstance(n_items, (int, float)) and n_items else None
+            if isinstance(n_items, torch.Tensor):
+                scale = 1.0 / n_items.clamp(min=1).to(torch.float64)
+            if scale is not None and grads:
+                torch._foreach_mul_(grads, scale)
             if grad_hook is not None:
                 grad_hook(step + 1, model)
             if cfg.grad_clip:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             else:
-                grad_norm = float(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
+                grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+            # the one host-device synchronisation of the update: loss, norm and item count read together
+            loss_total, grad_norm, n_items = torch.stack([
+                torch.as_tensor(loss_sum, dtype=torch.float64, device=grad_norm.device).reshape(()),
+                grad_norm.detach().double().reshape(()),
+                torch.as_tensor(n_items, dtype=torch.float64, device=grad_norm.device).reshape(()),
+            ]).tolist()
+            if n_items == 0:
+                optimizer.zero_grad(set_to_none=True)
+                raise ValueError(f"get_batch returned only batches without items (e.g. every target "
+                                 f"ignored) for update {step + 1}")
+            loss = loss_total / n_items
 
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                 message = (f"training diverged at update {step + 1}: loss={loss}, gradient norm={grad_norm} "
@@ -377,7 +455,7 @@ def train(
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            tokens += n_tokens
+            tokens += n_items
             history.step.append(step)
             history.loss.append(loss)
             history.lr.append(lr)
@@ -399,5 +477,6 @@ def train(
 
     if restore_best and best_state is not None:
         model.load_state_dict(best_state)
+    tokens = int(tokens) if float(tokens).is_integer() else tokens
     return TrainResult(history, best_val, best_step, step, stop_reason,
                        time.perf_counter() - start_time, tokens)

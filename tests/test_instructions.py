@@ -1,10 +1,12 @@
-"""The synthetic instruction data set of minigpt.data (chapter 6): known answers, controlled lengths."""
+"""The synthetic instruction data set of minigpt.instructions (chapter 6): known answers, controlled lengths."""
 
 import pytest
 import torch
 
-from minigpt.data import (INSTRUCTION_STOP, INSTRUCTION_VOCAB, CharTokenizer, instruction_batch, make_instruction,
-                          make_instructions)
+from minigpt.data import CharTokenizer
+from minigpt.instructions import (INSTRUCTION_STOP, INSTRUCTION_VOCAB, instruction_batch, make_instruction,
+                                  make_instructions)
+from minigpt.losses import IGNORE_INDEX, mask_prompt
 
 
 @pytest.mark.parametrize("length", [2, 3, 7, 13, 48])
@@ -35,16 +37,20 @@ def test_lengths_cover_the_range_and_the_draw_is_reproducible():
 def test_batch_masks_prompt_and_padding():
     examples = [make_instruction("count", 4, torch.Generator()), make_instruction("reverse", 9, torch.Generator().manual_seed(1))]
     tok = CharTokenizer(INSTRUCTION_VOCAB)
-    x, y, response = instruction_batch(examples, tok)
-    assert x.shape == y.shape == response.shape
+    batch = instruction_batch(examples, tok)
+    x, y = batch.x, batch.y
+    masked = mask_prompt(y, batch.prompt_lengths)  # the one prompt-masking mechanism
+    assert x.shape == y.shape == batch.response_mask.shape
     for i, e in enumerate(examples):
-        # the targets that take a loss are exactly the response, stop token included
-        assert tok.decode(y[i][y[i] != -100]) == e.response
-        assert int(response[i].sum()) == e.response_length
+        # the targets that take a loss once the prompt is masked are exactly the response, stop token included
+        assert tok.decode(masked[i][masked[i] != IGNORE_INDEX]) == e.response
+        assert torch.equal(masked[i] != IGNORE_INDEX, batch.response_mask[i])
+        assert int(batch.response_mask[i].sum()) == e.response_length
         full = e.prompt + e.response
         assert tok.decode(x[i, : len(full) - 1]) == full[:-1]
-    whole = instruction_batch(examples, tok, mask_prompt=False)[1]
-    assert int((whole[0] != -100).sum()) == len(examples[0].prompt + examples[0].response) - 1
+        # unmasked, every position but the padding predicts the next character
+        assert tok.decode(y[i][y[i] != IGNORE_INDEX]) == full[1:]
+    assert batch.to("cpu") is batch
 
 
 def test_bad_arguments():

@@ -4,13 +4,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minigpt.data import instruction_batch, make_instructions
-from minigpt.losses import sft_loss
+from minigpt.instructions import instruction_batch, make_instructions
+from minigpt.losses import mask_prompt, sft_loss
 from minigpt.model import GPT
 from minigpt.sft import (STOP_ID, TOKENIZER, SFTSetup, accumulated_gradient, bucket_gradient_shares,
-                         evaluate_responses, greedy_continue, sft_batch_loss, sft_data, sft_model_config,
-                         sft_setup, train_sft)
-from minigpt.train import TrainConfig
+                         evaluate_responses, greedy_continue, sft_batch_fn, sft_batch_loss, sft_data,
+                         sft_model_config, sft_setup)
+from minigpt.train import TrainConfig, train
 
 SETUP = SFTSetup("small", lengths=(2, 12), n_train=200, n_test=40)
 
@@ -18,6 +18,16 @@ SETUP = SFTSetup("small", lengths=(2, 12), n_train=200, n_test=40)
 def tiny_model(seed=0, dtype=torch.float32):
     torch.manual_seed(seed)
     return GPT(sft_model_config("small", SETUP.block_size)).to(dtype)
+
+
+def batch_mean_loss(model, examples, **kwargs):
+    """The loss of one batch as train minimises it: loss_sum / n_items of sft_batch_loss."""
+    loss_sum, n_items = sft_batch_loss(**kwargs)(model, instruction_batch(examples, TOKENIZER))
+    return loss_sum / n_items
+
+
+def train_sft(model, examples, config, *, batch_size=16, **loss_kwargs):
+    return train(model, sft_batch_fn(examples, batch_size), config, batch_loss=sft_batch_loss(**loss_kwargs)).history
 
 
 def flat_grad(model, loss):
@@ -31,7 +41,7 @@ def trained():
     train, test = sft_data(SETUP, 0)
     model = tiny_model()
     train_sft(model, train, TrainConfig(max_iters=150, learning_rate=3e-3, warmup_iters=10, min_lr=3e-4,
-                                        weight_decay=0.0, progress=False), batch_size=16)
+                                        weight_decay=0.0, eval_iters=0, progress=False), batch_size=16)
     return model, test
 
 
@@ -48,33 +58,35 @@ def test_block_size_covers_prompt_response_and_cap():
 def test_batch_loss_matches_cross_entropy_for_masked_and_whole_sequences():
     model = tiny_model()
     examples = make_instructions(8, torch.Generator().manual_seed(3), lengths=(2, 12))
-    x, y_masked, _ = instruction_batch(examples, TOKENIZER)
-    _, y_whole, _ = instruction_batch(examples, TOKENIZER, mask_prompt=False)
-    logits, _ = model(x)
+    batch = instruction_batch(examples, TOKENIZER)
+    y_masked, y_whole = mask_prompt(batch.y, batch.prompt_lengths), batch.y
+    logits, _ = model(batch.x)
     V = logits.shape[-1]
     masked = F.cross_entropy(logits.reshape(-1, V), y_masked.reshape(-1))
     whole = F.cross_entropy(logits.reshape(-1, V), y_whole.reshape(-1))
-    torch.testing.assert_close(sft_batch_loss(model, examples), masked)
-    torch.testing.assert_close(sft_batch_loss(model, examples, prompt_weight=1.0), whole)
-    torch.testing.assert_close(sft_batch_loss(model, examples, reduction="sequence_mean"),
+    torch.testing.assert_close(batch_mean_loss(model, examples), masked)
+    torch.testing.assert_close(batch_mean_loss(model, examples, prompt_weight=1.0), whole)
+    torch.testing.assert_close(batch_mean_loss(model, examples, reduction="sequence_mean"),
                                sft_loss(logits, y_masked, reduction="sequence_mean"))
+    torch.testing.assert_close(batch_mean_loss(model, examples, reduction="sum"),
+                               sft_loss(logits, y_masked, reduction="sum"))
     with pytest.raises(ValueError, match="prompt_weight"):
-        sft_batch_loss(model, examples, reduction="sum", prompt_weight=0.1)
+        sft_batch_loss(reduction="sum", prompt_weight=0.1)
     with pytest.raises(ValueError, match="reduction"):
-        sft_batch_loss(model, examples, reduction="mean")
+        sft_batch_loss(reduction="mean")
 
 
 def test_training_lowers_the_loss_and_is_reproducible():
     train, _ = sft_data(SETUP, 1)
     config = TrainConfig(max_iters=40, learning_rate=3e-3, warmup_iters=5, min_lr=3e-4, weight_decay=0.0,
-                         seed=5, progress=False)
+                         seed=5, eval_iters=0, progress=False)
     a, b = tiny_model(1), tiny_model(1)
     ha = train_sft(a, train, config, reduction="length_normalized")
     hb = train_sft(b, train, config, reduction="length_normalized")
     assert ha.loss == hb.loss
     assert sum(ha.loss[-5:]) < 0.6 * sum(ha.loss[:5])
     with pytest.raises(ValueError, match="batch_size"):
-        train_sft(a, train, config, batch_size=0)
+        sft_batch_fn(train, 0)
 
 
 def test_greedy_continue_matches_generate_row_by_row():
@@ -107,8 +119,8 @@ def test_evaluation_agrees_with_plain_greedy_generation(trained):
     # some right, some wrong: the test exercises every branch of the evaluation
     assert 0 < int(ev.exact.sum()) < len(test)
     # the token losses are the masked next-token NLL of each row
-    x, y, _ = instruction_batch(test, TOKENIZER)
-    per_row = sft_loss(model(x)[0], y, reduction="sum") / 1.0
+    batch = instruction_batch(test, TOKENIZER)
+    per_row = sft_loss(model(batch.x)[0], mask_prompt(batch.y, batch.prompt_lengths), reduction="sum")
     torch.testing.assert_close((ev.content_nll + ev.stop_nll).sum().float(), per_row, rtol=1e-5, atol=1e-4)
 
 
@@ -133,7 +145,7 @@ def test_accumulation_global_normalisation_is_exact_and_mean_of_means_is_not():
     model = tiny_model(4, torch.float64)
     examples = make_instructions(12, torch.Generator().manual_seed(7), lengths=(2, 12))
     examples.sort(key=lambda e: e.response_length)
-    full = flat_grad(model, sft_batch_loss(model, examples))
+    full = flat_grad(model, batch_mean_loss(model, examples))
     micro = [examples[:8], examples[8:]]  # the short ones together: very unequal token counts
     good = accumulated_gradient(model, micro, normalise="global")
     bad = accumulated_gradient(model, micro, normalise="micro_mean")
@@ -150,6 +162,6 @@ def test_accumulation_global_normalisation_is_exact_and_mean_of_means_is_not():
 def test_one_micro_batch_is_the_full_batch_gradient():
     model = tiny_model(5, torch.float64)
     examples = make_instructions(6, torch.Generator().manual_seed(9), lengths=(2, 12))
-    full = flat_grad(model, sft_batch_loss(model, examples))
+    full = flat_grad(model, batch_mean_loss(model, examples))
     for how in ("global", "micro_mean"):
         torch.testing.assert_close(accumulated_gradient(model, [examples], normalise=how), full)

@@ -4,12 +4,15 @@
   ``_static/mathjax``; it comes from PyPI at install time, nothing is committed).
 - sphinx-thebe (which jupyter-book always loads) writes thebe's unpkg address into every page, for a
   "launch live code" button that needs a remote kernel anyway; its scripts are dropped here.
+- Progress bars are turned off in the chapters the build executes (``MINIGPT_PROGRESS=0``, inherited by
+  the kernels it starts), so no bar text ends up in a page; a reader running a chapter sees them.
 - After the build, every HTML page is scanned for addresses of script or style CDNs; one left behind is
   a build error, so an offline reader never meets raw TeX or a half-styled page.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -45,6 +48,7 @@ def _check_no_cdn(app, exception):
 
 
 def setup(app):
+    os.environ["MINIGPT_PROGRESS"] = "0"  # before any chapter's kernel starts
     app.connect("html-page-context", _drop_thebe)
     app.connect("build-finished", _check_no_cdn)
     return {"parallel_read_safe": True, "parallel_write_safe": True}

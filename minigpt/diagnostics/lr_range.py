@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..train import count_targets
+from ..train import language_model_loss
 
 
 @dataclass
@@ -52,18 +52,18 @@ class LRRangeResult:
         return self.lrs[start + int(np.argmin(slope))]
 
 
-def next_batch_loss(get_batch, seed: int = 0, loss_fn=None) -> Callable[[nn.Module], torch.Tensor]:
-    """A ``batch_loss`` for :func:`lr_range_test` from a minigpt batch source: each call draws the next
-    training batch from its own generator (seeded by ``seed``) and returns the token-mean loss of
-    ``model(x, y, loss_fn=loss_fn, reduction="sum")``."""
+def next_batch_loss(get_batch, seed: int = 0, batch_loss=None) -> Callable[[nn.Module], torch.Tensor]:
+    """A loss for :func:`lr_range_test` from the same pieces :func:`minigpt.train.train` takes: each call
+    draws the next training batch from its own generator (seeded by ``seed``) and returns
+    ``loss_sum / n_items`` of ``batch_loss(model, batch)`` (default: the language-model loss)."""
     gen = torch.Generator().manual_seed(seed)
+    batch_loss = batch_loss or language_model_loss()
 
-    def batch_loss(model: nn.Module) -> torch.Tensor:
-        x, y = get_batch("train", gen)
-        _, loss_sum = model(x, y, loss_fn=loss_fn, reduction="sum")
-        return loss_sum / count_targets(y)
+    def loss_of_next_batch(model: nn.Module) -> torch.Tensor:
+        loss_sum, n_items = batch_loss(model, get_batch("train", gen))
+        return loss_sum / n_items
 
-    return batch_loss
+    return loss_of_next_batch
 
 
 def lr_range_test(model: nn.Module, batch_loss: Callable[[nn.Module], torch.Tensor], *, start_lr: float = 1e-7,

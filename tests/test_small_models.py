@@ -1,4 +1,5 @@
-"""minigpt.tabular (full-batch fits of small models) and the corruption models in minigpt.data."""
+"""minigpt.small_models (small models, full-batch fits side by side), the corruption models and synthetic
+data of minigpt.synthetic, and stacked splits of minigpt.data."""
 
 import numpy as np
 import pytest
@@ -6,9 +7,10 @@ import torch
 from sklearn.linear_model import QuantileRegressor
 
 from minigpt import losses
-from minigpt.data import corrupt_targets, load_diabetes
+from minigpt.data import load_diabetes, load_digits, load_stacked
+from minigpt.synthetic import corrupt_targets
 from minigpt.report import percent
-from minigpt.tabular import Linear, fit_full_batch
+from minigpt.small_models import Linear, fit_full_batch
 
 
 def _mse(p, t):
@@ -91,9 +93,11 @@ def test_percent():
 
 # --- networks, minibatch fitting and the classification chapter's data --------------------------------
 
-from minigpt.data import blob_segmentation, digit_view, flip_labels, keep_minority, load_digit_images  # noqa: E402
+from minigpt.data import load_digit_images  # noqa: E402
+from minigpt.synthetic import blob_segmentation, digit_view, flip_labels, keep_minority  # noqa: E402
 from minigpt.metrics import dice_score, retrieval_accuracy  # noqa: E402
-from minigpt.tabular import MLP, SegmentationNet, fit_minibatch  # noqa: E402
+from minigpt.small_models import MLP, SegmentationNet  # noqa: E402
+from minigpt.train import TrainConfig, train  # noqa: E402
 
 
 def test_mlp_side_by_side_equals_separate_networks():
@@ -119,19 +123,39 @@ def test_fit_callback_sees_every_checkpoint():
     assert seen == [0, 4, 8, 10]
 
 
-def test_fit_minibatch_learns_and_reports():
+def test_minibatch_fit_through_train():
+    """A small model on a synthetic regression, trained by minigpt.train with a batch loss that returns
+    (summed squared error, examples): the loop every chapter uses, with TrainConfig.adam's plain Adam."""
     X = torch.randn(256, 3, generator=torch.Generator().manual_seed(0))
     y = X @ torch.tensor([1.0, -2.0, 0.5])
     model = torch.nn.Linear(3, 1)
 
-    def batch_loss(m, g):
+    def get_batch(split, g):
         idx = torch.randint(0, 256, (32,), generator=g)
-        return ((m(X[idx])[:, 0] - y[idx]) ** 2).mean()
+        return X[idx], y[idx]
 
-    history = fit_minibatch(model, batch_loss, steps=300, lr=0.05)
-    assert len(history) == 300 and history[-1] < 1e-3 < history[0]
-    with pytest.raises(ValueError, match="steps"):
-        fit_minibatch(model, batch_loss, steps=0)
+    def batch_loss(m, batch):
+        x, t = batch
+        return ((m(x)[:, 0] - t) ** 2).sum(), len(t)
+
+    config = TrainConfig.adam(steps=300, lr=0.05, progress=False)
+    history = train(model, get_batch, config, batch_loss=batch_loss).history
+    assert len(history.loss) == 300 and history.loss[-1] < 1e-3 < history.loss[0]
+    assert set(history.lr) == {0.05} and history.grad_norm[0] > 0  # constant rate, no clipping
+    again = train(torch.nn.Linear(3, 1), get_batch, config, batch_loss=batch_loss).history
+    assert len(again.loss) == 300
+
+
+def test_stacked_splits_equal_the_single_splits():
+    stacked = load_stacked(load_digits, [3, 4, 5], dtype=torch.float64)
+    assert stacked.X_train.shape[0] == 3 and stacked.n_splits == 3 and stacked.n_features == 64
+    single = load_digits(split_seed=4, dtype=torch.float64)
+    assert torch.equal(stacked.X_test[1], single.X_test) and torch.equal(stacked.y_train[1], single.y_train)
+    diabetes = load_stacked(load_diabetes, [0, 1])
+    assert diabetes.y_std.shape == (2,) and float(diabetes.y_std[1]) == load_diabetes(split_seed=1).y_std
+    with pytest.raises(ValueError, match="one data set"):
+        from minigpt.data import stack_splits
+        stack_splits([load_digits(), load_diabetes()])
 
 
 def test_segmentation_net_shapes_and_seed():

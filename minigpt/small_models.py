@@ -1,9 +1,18 @@
-"""Small models for the scikit-learn data sets, fitted full-batch with any minigpt loss.
+"""Small models for the scikit-learn and synthetic data sets, and full-batch fits of many side by side.
 
-The regression and classification chapters compare losses, not architectures, so they fit the simplest
-model that does the job, a linear one (an MLP where a chapter needs a hidden layer), by full-batch Adam
-with a cosine-decayed learning rate. Every fit starts from the same initial weights (zeros for a linear
-model), so the only randomness in an experiment is the data split and whatever the experiment corrupts.
+- :class:`Linear` and :class:`MLP` (one hidden layer), each optionally B independent models at once
+  (``problems=B``), and :class:`SegmentationNet`, a small fully convolutional network for the blob task.
+- :func:`fit_full_batch`: full-batch Adam with a cosine-decayed learning rate on all B problems at once,
+  each following exactly the trajectory it would alone. This is how the regression and classification
+  chapters run 30 splits in the time of one. It is deliberately not :func:`minigpt.train.train`: it has
+  no batches to draw, no evaluation and no clipping, and its problems must stay independent.
+
+Minibatch training of these models (a segmentation net, a contrastive encoder) goes through
+:func:`minigpt.train.train` with a ``batch_loss``, as everything else does.
+
+The chapters compare losses, not architectures, so they fit the simplest model that does the job. Every
+fit starts from the same initial weights (zeros for a linear model), so the only randomness in an
+experiment is the data split and whatever the experiment corrupts.
 """
 
 from __future__ import annotations
@@ -124,29 +133,6 @@ def fit_full_batch(model: nn.Module, X: torch.Tensor, y: torch.Tensor, loss_fn: 
         history.append(float(loss.detach()))
     if callback is not None:
         callback(steps, model)
-    return history
-
-
-def fit_minibatch(model: nn.Module, batch_loss: Callable[[nn.Module, torch.Generator], torch.Tensor], *,
-                  steps: int, lr: float = 1e-2, seed: int = 0) -> list[float]:
-    """Minimise ``batch_loss(model, generator)``, a scalar on a batch the function draws with the
-    generator it is given (seeded by ``seed``), by Adam at a constant learning rate. Returns the loss of
-    every step. For models too large, or losses too batch-shaped (contrastive), for full batches."""
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive int, got {steps!r}")
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    model.train()
-    history = []
-    for step in range(steps):
-        loss = batch_loss(model, gen)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"the loss became {float(loss.detach())} at step {step}; lower lr ({lr})")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        history.append(float(loss.detach()))
-    model.eval()
     return history
 
 
