@@ -159,3 +159,72 @@ def test_bad_inputs_name_the_argument():
         losses.weighted_token_mean(torch.ones(1, 2), torch.zeros(1, 2))
     with pytest.raises(ValueError, match="prompt_lengths must lie"):
         losses.mask_prompt(labels, [99] * labels.shape[0])
+
+
+# --- issue 14: empty micro-batches under accumulation, integer losses; issue 12: one name per constant ----
+
+@pytest.mark.parametrize("reduction", losses.SEQUENCE_REDUCTIONS)
+def test_all_ignored_micro_batch_with_num_items_contributes_zero(reduction):
+    """With num_items (the whole step's count), a micro-batch whose labels are all ignored is a 0 that
+    backward() runs through, and the accumulated gradient still equals one large batch's."""
+    logits, labels = batch(seed=4, B=6, p_mask=0.3)
+    labels[2:4] = -100  # the middle micro-batch has no response token at all
+    rows = (labels != -100).any(1)
+    num_items = int((labels != -100).sum()) if reduction == "token_mean" else int(rows.sum())
+    full = logits.clone().requires_grad_(True)
+    (want_grad,) = torch.autograd.grad(losses.sft_loss(full, labels, reduction=reduction, alpha=0.5), full)
+    split = logits.clone().requires_grad_(True)
+    parts = [losses.sft_loss(split[lo:lo + 2], labels[lo:lo + 2], reduction=reduction, alpha=0.5,
+                             num_items=num_items) for lo in (0, 2, 4)]
+    assert parts[1].item() == 0.0 and parts[1].requires_grad
+    sum(parts).backward()
+    torch.testing.assert_close(split.grad, want_grad)
+    assert (split.grad[2:4] == 0).all()
+    # and on its own: backward() runs, nothing flows
+    alone = logits[2:4].clone().requires_grad_(True)
+    losses.sft_loss(alone, labels[2:4], reduction=reduction, num_items=num_items).backward()
+    assert (alone.grad == 0).all()
+    empty_mask = torch.zeros(2, 9, dtype=torch.bool)
+    token_losses = torch.rand(2, 9, dtype=torch.float64, requires_grad=True)
+    assert losses.sequence_loss(token_losses, empty_mask, reduction=reduction, num_items=num_items).item() == 0.0
+    with pytest.raises(ValueError, match="mask is all zero"):
+        losses.sequence_loss(token_losses, empty_mask, reduction=reduction)
+    with pytest.raises(ValueError, match="labels are all ignore_index"):
+        losses.sft_loss(logits[2:4], labels[2:4], reduction=reduction)
+
+
+def test_integer_and_non_binary_inputs_are_refused():
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    with pytest.raises(ValueError, match="token_losses must be a floating-point tensor"):
+        losses.sequence_loss(torch.ones(2, 3, dtype=torch.long), mask)  # used to give tensor(0)
+    with pytest.raises(ValueError, match="token_losses must be a floating-point tensor"):
+        losses.adaptive_length_penalty_loss(torch.ones(2, 3, dtype=torch.long), mask, target_length=2)
+    with pytest.raises(ValueError, match="token_losses must be a floating-point tensor"):
+        losses.weighted_token_mean(torch.ones(2, 3, dtype=torch.long), torch.ones(2, 3))
+    with pytest.raises(ValueError, match="mask must be boolean or hold only 0 and 1"):
+        losses.sequence_loss(torch.ones(2, 3), torch.full((2, 3), 0.5))
+    with pytest.raises(ValueError, match="mask must have the shape of token_losses"):
+        losses.sequence_loss(torch.ones(2, 3), mask[:, :2])
+    with pytest.raises(ValueError, match="logits must be a floating tensor"):
+        losses.sft_loss(torch.ones(2, 3, V, dtype=torch.long), torch.zeros(2, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="prompt_lengths must be integers"):
+        losses.mask_prompt(torch.zeros(2, 4, dtype=torch.long), [1.5, 2.0])
+    with pytest.raises(ValueError, match="weights must be >= 0"):
+        losses.weighted_token_mean(torch.ones(1, 2), torch.tensor([[1.0, -1.0]]))
+    # a zero weight drops a token even where its loss is inf or NaN (padding), as sequence_loss's mask does
+    garbage = torch.tensor([[1.0, float("nan"), float("inf")]])
+    assert losses.weighted_token_mean(garbage, torch.tensor([[2.0, 0.0, 0.0]])).item() == 1.0
+
+
+def test_token_nll_keeps_the_dtype_and_all_ignored_rows_give_zero():
+    logits, labels = batch(dtype=torch.float32)
+    assert losses.token_nll(logits, labels).dtype == torch.float32
+    assert losses.token_nll(logits.double(), labels).dtype == torch.float64
+    nll = losses.token_nll(logits, torch.full_like(labels, -100))
+    assert (nll == 0).all()
+
+
+def test_sequence_reductions_constant():
+    assert losses.SEQUENCE_REDUCTIONS == ("sum", "token_mean", "sequence_mean", "length_normalized")
+    from minigpt.losses import sequence
+    assert not hasattr(sequence, "REDUCTIONS")  # one name: SEQUENCE_REDUCTIONS, distinct from common.REDUCTIONS

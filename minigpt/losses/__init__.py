@@ -11,7 +11,13 @@ Modules by family; everything is importable from here:
 - ``token``: cross-entropy (class weights, ignore_index, both label-smoothing conventions) and softmax
   focal loss as lean autograd functions, plus the naive focal loss for comparison.
 - ``vae``: Gaussian KL, free bits, linear and cyclical beta schedules, active units.
+- ``common``: the constants (``IGNORE_INDEX``, ``REDUCTIONS``) and the argument checks the others share.
+
+Constants: ``IGNORE_INDEX`` (defined in ``common``: the label of a position without a loss), ``REDUCTIONS``
+(``"mean"``, ``"sum"``, ``"none"``) and ``SEQUENCE_REDUCTIONS`` (the SFT reductions of ``sequence``).
 """
+
+from .common import IGNORE_INDEX, REDUCTIONS
 
 from .regression import (
     huber_loss, log_cosh_loss, mae_loss, mse_loss, multi_quantile_loss, quantile_loss, smooth_l1_loss,
@@ -23,13 +29,14 @@ from .classification import (
     squared_hinge_loss,
 )
 from .sequence import (
-    adaptive_length_penalty_loss, mask_prompt, sequence_loss, sft_loss, token_nll, token_weights,
+    SEQUENCE_REDUCTIONS, adaptive_length_penalty_loss, mask_prompt, sequence_loss, sft_loss, token_nll, token_weights,
     weighted_token_mean,
 )
 from .token import cross_entropy, naive_softmax_focal_loss, softmax_focal_loss
 from .vae import FreeBitsKL, active_units, cyclical_beta, free_bits_kl, gaussian_kl, linear_beta
 
 __all__ = [
+    "IGNORE_INDEX", "REDUCTIONS", "SEQUENCE_REDUCTIONS",
     "cross_entropy", "naive_softmax_focal_loss", "softmax_focal_loss",
     "FreeBitsKL", "active_units", "cyclical_beta", "free_bits_kl", "gaussian_kl", "linear_beta",
     "bce_with_logits", "dice_loss", "distillation_loss", "exponential_loss", "hinge_loss", "info_nce_loss",

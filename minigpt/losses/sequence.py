@@ -24,26 +24,29 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import IGNORE_INDEX
-from .token import _cross_entropy
-REDUCTIONS = ("sum", "token_mean", "sequence_mean", "length_normalized")
+from .common import IGNORE_INDEX, check_floating, check_tensor
+from .token import cross_entropy
+
+SEQUENCE_REDUCTIONS = ("sum", "token_mean", "sequence_mean", "length_normalized")
 
 
 def token_nll(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-    """Per-token negative log-likelihood.
+    """Per-token negative log-likelihood, ``-log softmax(logits[i, t])[labels[i, t]]``.
 
     Args:
-        logits: (B, T, V) next-token scores.
+        logits: (B, T, V) next-token scores, floating.
         labels: (B, T) int64 next-token ids; ``ignore_index`` marks positions without a loss.
     Returns:
-        (B, T) losses, 0 at ignored positions.
+        (B, T) losses in logits' dtype, 0 at ignored positions (all 0 if every label is ignored, still
+        connected to ``logits`` so that a backward pass runs).
     """
-    if not isinstance(logits, torch.Tensor) or logits.ndim != 3:
-        raise ValueError(f"logits must have shape (B, T, V), got "
-                         f"{tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__}")
-    if not isinstance(labels, torch.Tensor) or labels.dtype != torch.long:
-        raise ValueError(f"labels must be an int64 tensor, got "
-                         f"{labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__}")
+    check_tensor(logits, "logits")
+    check_tensor(labels, "labels")
+    if logits.ndim != 3 or not logits.is_floating_point():
+        raise ValueError(f"logits must be a floating tensor of shape (B, T, V), got dtype {logits.dtype} "
+                         f"and shape {tuple(logits.shape)}")
+    if labels.dtype != torch.long:
+        raise ValueError(f"labels must be an int64 tensor, got {labels.dtype}")
     if labels.shape != logits.shape[:2]:
         raise ValueError(f"labels must have shape {tuple(logits.shape[:2])} (logits without V), got {tuple(labels.shape)}")
     V = logits.shape[-1]
@@ -52,36 +55,52 @@ def token_nll(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int =
         raise ValueError(f"labels hold ids outside [0, {V}) other than ignore_index={ignore_index}: "
                          f"{labels[bad][:5].tolist()}")
     B, T = labels.shape
-    if not bool((labels != ignore_index).any()):
-        raise ValueError("labels are all ignore_index: a fully masked batch has no tokens to take a loss on")
-    # the lean cross-entropy (no (B*T, V) log-softmax kept for backward), without checking labels again
-    flat = labels.reshape(B * T)
-    return _cross_entropy(logits.reshape(B * T, V), flat, flat != ignore_index, None, 0.0, "none").view(B, T)
+    # the lean cross-entropy: no (B*T, V) log-softmax kept for the backward pass
+    return cross_entropy(logits.reshape(B * T, V), labels.reshape(B * T), ignore_index=ignore_index,
+                         reduction="none").view(B, T)
 
 
-def _check_losses_and_mask(token_losses: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    if not isinstance(token_losses, torch.Tensor) or token_losses.ndim != 2:
-        raise ValueError("token_losses must be a (B, T) tensor")
-    if not isinstance(mask, torch.Tensor) or mask.shape != token_losses.shape:
-        raise ValueError(f"mask must have the shape of token_losses {tuple(token_losses.shape)}")
-    if not bool(mask.any()):
-        raise ValueError("mask is all zero: a fully masked batch has no tokens to take a loss on")
+def _check_mask(mask, shape, name="mask") -> None:
+    check_tensor(mask, name)
+    if mask.shape != shape:
+        raise ValueError(f"{name} must have the shape of token_losses {tuple(shape)}, got {tuple(mask.shape)}")
+    if mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
+        # a fractional mask would silently count fractional tokens; weighted_token_mean takes weights
+        raise ValueError(f"{name} must be boolean or hold only 0 and 1")
+
+
+def _check_losses_and_mask(token_losses: torch.Tensor, mask: torch.Tensor, *, allow_empty: bool = False) -> torch.Tensor:
+    check_floating(token_losses, "token_losses")  # integer losses would round, and weights with them
+    if token_losses.ndim != 2:
+        raise ValueError(f"token_losses must have shape (B, T), got {tuple(token_losses.shape)}")
+    _check_mask(mask, token_losses.shape)
+    if not allow_empty and not bool(mask.any()):
+        raise ValueError("mask is all zero: a fully masked batch has no tokens to take a loss on "
+                         "(with gradient accumulation, pass num_items and it contributes 0)")
     return mask.to(token_losses.dtype)
 
 
 def token_weights(mask: torch.Tensor, *, reduction: str = "token_mean", alpha: float = 1.0,
                   num_items: int | None = None) -> torch.Tensor:
-    """The weight each token's loss gets in :func:`sequence_loss`, i.e. d loss / d l[i, t]: (B, T).
-    The gradient a token sends to the model is this weight times the gradient of its own loss."""
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    """The weight each token's loss gets in :func:`sequence_loss`, i.e. d loss / d l[i, t]: (B, T),
+    float64. The gradient a token sends to the model is this weight times the gradient of its own loss.
+
+    ``mask`` (B, T) boolean or 0/1. An all-zero mask is refused unless ``num_items`` is given (then every
+    weight is 0: a micro-batch without tokens contributes nothing to the optimizer step)."""
+    if reduction not in SEQUENCE_REDUCTIONS:
+        raise ValueError(f"reduction must be one of {SEQUENCE_REDUCTIONS}, got {reduction!r}")
     if not alpha >= 0:
         raise ValueError(f"alpha must be >= 0, got {alpha}")
     if num_items is not None and not num_items > 0:
         raise ValueError(f"num_items must be a positive count, got {num_items}")
-    m = mask.to(torch.float64) if not mask.is_floating_point() else mask.double()
-    if not bool(m.any()):
-        raise ValueError("mask is all zero: a fully masked batch has no tokens to take a loss on")
+    check_tensor(mask, "mask")
+    if mask.ndim != 2:
+        raise ValueError(f"mask must have shape (B, T), got {tuple(mask.shape)}")
+    _check_mask(mask, mask.shape)
+    m = mask.to(torch.float64)
+    if num_items is None and not bool(m.any()):
+        raise ValueError("mask is all zero: a fully masked batch has no tokens to take a loss on "
+                         "(with gradient accumulation, pass num_items and it contributes 0)")
     lengths = m.sum(dim=1, keepdim=True)  # (B, 1)
     n_sequences = int((lengths > 0).sum())
     if reduction == "sum":
@@ -98,13 +117,16 @@ def sequence_loss(token_losses: torch.Tensor, mask: torch.Tensor, *, reduction: 
     """Combine (B, T) per-token losses into one number; see the module docstring for the reductions.
 
     Args:
-        token_losses: (B, T) per-token losses.
-        mask: (B, T) 1 where a token takes a loss.
-        reduction: ``"sum"``, ``"token_mean"``, ``"sequence_mean"`` or ``"length_normalized"``.
+        token_losses: (B, T) floating per-token losses.
+        mask: (B, T) boolean (or 0/1), true where a token takes a loss.
+        reduction: one of :data:`SEQUENCE_REDUCTIONS`: ``"sum"``, ``"token_mean"``, ``"sequence_mean"``
+            or ``"length_normalized"``.
         alpha: exponent of ``"length_normalized"`` (>= 0).
-        num_items: tokens or sequences in the whole optimizer step, for gradient accumulation.
+        num_items: tokens (``"token_mean"``) or sequences (the others) in the whole optimizer step, for
+            gradient accumulation. With it, a micro-batch whose mask is all zero gives 0 (still connected
+            to ``token_losses``); without it, such a batch raises.
     """
-    m = _check_losses_and_mask(token_losses, mask)
+    m = _check_losses_and_mask(token_losses, mask, allow_empty=num_items is not None)
     weights = token_weights(mask, reduction=reduction, alpha=alpha, num_items=num_items)
     # select, not multiply: a masked position may hold inf or NaN (padding), and 0 * inf is NaN
     kept = torch.where(m > 0, token_losses, torch.zeros_like(token_losses))
@@ -115,7 +137,13 @@ def sft_loss(logits: torch.Tensor, labels: torch.Tensor, *, reduction: str = "to
              ignore_index: int = IGNORE_INDEX, num_items: int | None = None) -> torch.Tensor:
     """Next-token cross-entropy over the positions whose label is not ``ignore_index``, reduced as
     :func:`sequence_loss` says. ``logits`` (B, T, V), ``labels`` (B, T) int64. With
-    ``reduction="token_mean"`` it equals ``F.cross_entropy(..., ignore_index=ignore_index)``."""
+    ``reduction="token_mean"`` it equals ``F.cross_entropy(..., ignore_index=ignore_index)``.
+
+    With ``num_items`` (gradient accumulation), a micro-batch whose labels are all ``ignore_index`` gives
+    0, connected to ``logits`` so that ``.backward()`` runs and adds nothing; without it, it raises."""
+    if num_items is None and isinstance(labels, torch.Tensor) and not bool((labels != ignore_index).any()):
+        raise ValueError("labels are all ignore_index: a fully masked batch has no tokens to take a loss on "
+                         "(with gradient accumulation, pass num_items and it contributes 0)")
     return sequence_loss(token_nll(logits, labels, ignore_index=ignore_index), labels != ignore_index,
                          reduction=reduction, alpha=alpha, num_items=num_items)
 
@@ -142,21 +170,35 @@ def adaptive_length_penalty_loss(token_losses: torch.Tensor, mask: torch.Tensor,
 
 def weighted_token_mean(token_losses: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """``sum w l / sum w``: a token mean where each token counts ``w[i, t]`` times, e.g. weight 0.1 on
-    instruction tokens and 1 on response tokens (0 drops a token). ``weights`` (B, T) >= 0."""
-    if not isinstance(weights, torch.Tensor) or weights.shape != token_losses.shape:
-        raise ValueError(f"weights must have the shape of token_losses {tuple(token_losses.shape)}")
-    if bool((weights < 0).any()):
-        raise ValueError("weights must be >= 0")
+    instruction tokens and 1 on response tokens (0 drops a token). ``token_losses`` (B, T) floating,
+    ``weights`` (B, T) >= 0."""
+    check_floating(token_losses, "token_losses")
+    check_tensor(weights, "weights")
+    if weights.shape != token_losses.shape:
+        raise ValueError(f"weights must have the shape of token_losses {tuple(token_losses.shape)}, "
+                         f"got {tuple(weights.shape)}")
+    if bool((weights < 0).any()) or not bool(torch.isfinite(weights).all()):
+        raise ValueError("weights must be >= 0 and finite")
+    weights = weights.to(token_losses.dtype)
     total = weights.sum()
     if not total > 0:
         raise ValueError("weights sum to zero: no token takes a loss")
-    return (token_losses * weights).sum() / total
+    # select, not multiply, as in sequence_loss: a dropped position may hold inf or NaN
+    kept = torch.where(weights > 0, token_losses, torch.zeros_like(token_losses))
+    return (kept * weights).sum() / total
 
 
 def mask_prompt(labels: torch.Tensor, prompt_lengths, *, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """A copy of ``labels`` (B, T) with the first ``prompt_lengths[i]`` positions of row i set to
     ``ignore_index``, so that only the response takes a loss (TRL's ``completion_only_loss``)."""
+    check_tensor(labels, "labels")
+    if labels.ndim != 2 or labels.is_floating_point():
+        raise ValueError(f"labels must be an integer tensor of shape (B, T), got dtype {labels.dtype} "
+                         f"and shape {tuple(labels.shape)}")
     lengths = torch.as_tensor(prompt_lengths, device=labels.device)
+    if lengths.is_floating_point() or lengths.dtype == torch.bool:
+        # a fractional length would mask up to its ceiling without a word
+        raise ValueError(f"prompt_lengths must be integers, got dtype {lengths.dtype}")
     if lengths.shape != labels.shape[:1]:
         raise ValueError(f"prompt_lengths must hold one length per row ({labels.shape[0]}), got {tuple(lengths.shape)}")
     if bool((lengths < 0).any()) or bool((lengths > labels.shape[1]).any()):
