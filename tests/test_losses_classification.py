@@ -265,3 +265,205 @@ def test_neighbour_positive_mask_wraps_around():
     m = losses.neighbour_positive_mask(4)
     assert m.tolist() == [[False, True, False, True], [True, False, True, False],
                           [False, True, False, True], [True, False, True, False]]
+
+
+# --- issue 14: NaN gradients at log p = -inf, dropped precision, errors that name the wrong argument -------
+
+def test_kl_div_gradient_is_zero_not_nan_where_the_target_is_zero():
+    """log p = -inf contributes 0, and so does its derivative: with respect to the log-target (the old
+    single where gave 0 * -inf = NaN there) and to the input."""
+    g = torch.Generator().manual_seed(8)
+    logq = F.log_softmax(torch.randn(5, 6, generator=g, dtype=torch.float64), 1)
+    p = F.softmax(torch.randn(5, 6, generator=g, dtype=torch.float64) * 2, 1)
+    p[0] = 0.0
+    p[0, 3] = 1.0
+    p[1, :2] = 0.0
+    p = p / p.sum(1, keepdim=True)
+    logp = p.log().requires_grad_(True)
+    q = logq.clone().requires_grad_(True)
+    losses.kl_div(q, logp, log_target=True).backward()
+    assert torch.isfinite(logp.grad).all() and torch.isfinite(q.grad).all()
+    assert (logp.grad[p == 0] == 0).all()
+    # elsewhere the derivative is p (log p - log q + 1) / N
+    present = p > 0
+    torch.testing.assert_close(logp.grad[present], (p * (p.log() - logq + 1) / 5)[present])
+    # and the input's gradient is the probability-space one, -p / N
+    torch.testing.assert_close(q.grad, -p / 5)
+    # gradcheck where the target is finite, with the -inf entries held fixed
+    mask = p > 0
+    def f(finite_logp, q_):
+        full = torch.full_like(p, -math.inf).masked_scatter(mask, finite_logp)
+        return losses.kl_div(q_, full, log_target=True, reduction="none")
+    assert torch.autograd.gradcheck(f, (p.log()[mask].clone().requires_grad_(True), logq.clone().requires_grad_(True)))
+
+
+def test_kl_div_zero_target_where_the_model_says_minus_inf():
+    """p = 0 where log q = -inf (a masked class both agree on): 0, where F.kl_div gives NaN (0 * -inf)."""
+    logq = torch.tensor([[0.0, -math.inf], [math.log(0.5), math.log(0.5)]], dtype=torch.float64)
+    p = torch.tensor([[1.0, 0.0], [0.5, 0.5]], dtype=torch.float64)
+    assert torch.isnan(F.kl_div(logq, p, reduction="sum"))
+    for log_target in (False, True):
+        value, grad = grad_of(losses.kl_div, logq, p.log() if log_target else p, log_target=log_target)
+        assert value.item() == 0.0 and torch.isfinite(grad).all()
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_info_nce_keeps_float64(symmetric):
+    """The loss used to be computed in float32 whatever the input: float64 gradcheck failed."""
+    g = torch.Generator().manual_seed(9)
+    z1 = torch.randn(6, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    z2 = torch.randn(6, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: losses.info_nce_loss(a, b, temperature=0.3, symmetric=symmetric),
+                                    (z1, z2))
+    value = losses.info_nce_loss(z1, z2, temperature=0.1, symmetric=symmetric)
+    assert value.dtype == torch.float64
+    a, b = F.normalize(z1, dim=1), F.normalize(z2, dim=1)
+    sim = a @ b.T / 0.1
+    want = F.cross_entropy(sim, torch.arange(6))
+    if symmetric:
+        want = (want + F.cross_entropy(sim.T, torch.arange(6))) / 2
+    torch.testing.assert_close(value, want, rtol=1e-13, atol=0)  # float64 to its last digits, not float32's
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_contrastive_losses_upcast_half_precision_only(dtype):
+    g = torch.Generator().manual_seed(10)
+    z1, z2 = torch.randn(8, 16, generator=g), torch.randn(8, 16, generator=g)
+    half = losses.info_nce_loss(z1.to(dtype), z2.to(dtype), temperature=0.07)
+    assert half.dtype == dtype
+    want = losses.info_nce_loss(z1.to(dtype).float(), z2.to(dtype).float(), temperature=0.07)
+    torch.testing.assert_close(half.float(), want, rtol=1e-2, atol=1e-2)
+    feats = torch.randn(8, 4, generator=g)
+    nb = losses.neighbour_info_nce_loss(feats.to(dtype), temperature=0.07)
+    assert nb.dtype == dtype and torch.isfinite(nb)
+    torch.testing.assert_close(nb.float(), losses.neighbour_info_nce_loss(feats.to(dtype).float(), temperature=0.07),
+                               rtol=1e-2, atol=1e-2)
+    x = torch.randn(8, 4, dtype=torch.float64)
+    assert losses.neighbour_info_nce_loss(x).dtype == torch.float64
+
+
+def test_bce_pos_weight_of_the_wrong_size_is_a_value_error():
+    x, t = logits_and_targets(torch.float64)  # (40, 3)
+    with pytest.raises(ValueError, match=r"pos_weight must be a scalar or broadcast to input's shape \(40, 3\)"):
+        losses.bce_with_logits(x, t, pos_weight=torch.ones(4))  # torch: a broadcasting RuntimeError
+    with pytest.raises(ValueError, match="pos_weight must be a scalar or broadcast"):
+        losses.bce_with_logits(x[:, 0], t[:, 0], pos_weight=torch.ones(40, 1))  # torch: silently (40, 40)
+    # what does broadcast is taken, as torch takes it
+    for pw in (2.0, torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64), torch.rand(40, 1, dtype=torch.float64) + 0.5):
+        torch.testing.assert_close(losses.bce_with_logits(x, t, pos_weight=pw),
+                                   F.binary_cross_entropy_with_logits(x, t, pos_weight=torch.as_tensor(pw, dtype=x.dtype)))
+
+
+def test_errors_name_the_arguments_by_their_real_names():
+    s, t = torch.zeros(2, 3), torch.zeros(2, 4)
+    with pytest.raises(ValueError, match=r"teacher_logits must have the shape of student_logits \(2, 3\)"):
+        losses.distillation_loss(s, t)
+    with pytest.raises(ValueError, match="student_logits must be a floating-point"):
+        losses.distillation_loss(s.long(), s)
+    with pytest.raises(ValueError, match="z2 must have the shape of z1"):
+        losses.info_nce_loss(torch.zeros(3, 2), torch.zeros(3, 3))
+    with pytest.raises(ValueError, match="z1 must be a floating-point"):
+        losses.info_nce_loss(torch.zeros(3, 2, dtype=torch.long), torch.zeros(3, 2))
+    with pytest.raises(ValueError, match="logvar must have the shape of mu"):
+        losses.gaussian_kl(torch.zeros(3, 2), torch.zeros(3, 3))
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        losses.gaussian_kl(torch.zeros(3, 2), torch.zeros(3, 2), reduction="avg")
+    with pytest.raises(ValueError, match="input must be a floating-point"):
+        losses.multi_margin_loss(torch.zeros(2, 3, dtype=torch.long), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="weight must be a floating-point"):
+        losses.multi_margin_loss(torch.zeros(2, 3), torch.tensor([0, 1]), weight=torch.ones(3, dtype=torch.long))
+    # an integer input is named, not blamed on the quantiles (it rounded 0.1 to 0 before they were checked)
+    with pytest.raises(ValueError, match="input must be a floating-point"):
+        losses.multi_quantile_loss(torch.zeros(5, 2, dtype=torch.long), torch.zeros(5), [0.1, 0.9])
+
+
+def test_multi_margin_weight_does_not_change_the_dtype():
+    x = torch.randn(6, 4)
+    y = torch.randint(0, 4, (6,))
+    w = torch.rand(4, dtype=torch.float64)
+    got = losses.multi_margin_loss(x, y, weight=w)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, F.multi_margin_loss(x, y, weight=w.float()))
+
+
+# --- issue 12: distillation with per-position temperatures and reductions --------------------------------
+
+def test_distillation_equals_chapter_3_per_problem_temperatures():
+    """Chapter 3's hand-written form: C*S problems, each with its own temperature, (C*S, 1, 1)."""
+    g = torch.Generator().manual_seed(11)
+    P, N = 6, 20
+    temps = torch.tensor([1.0, 2.0, 4.0, 8.0, 1.5, 3.0]).view(P, 1, 1)
+    teacher = torch.randn(N, 10, generator=g) * 3
+    o = torch.randn(P, N, 10, generator=g, requires_grad=True)
+    t_rep = teacher.expand(P, N, 10)
+    want = F.kl_div(F.log_softmax(o / temps, -1), F.log_softmax(t_rep / temps, -1), reduction="none",
+                    log_target=True).sum(-1)  # (P, N)
+    got = losses.distillation_loss(o, t_rep, temperature=temps, scale_by_t2=False, reduction="none")
+    assert got.shape == (P, N)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    (g_got,) = torch.autograd.grad(got.sum(), o)
+    (g_want,) = torch.autograd.grad(want.sum(), o)
+    torch.testing.assert_close(g_got, g_want, rtol=1e-5, atol=1e-7)
+    # (P, 1) against the leading dims is the same thing
+    torch.testing.assert_close(losses.distillation_loss(o, t_rep, temperature=temps.view(P, 1), scale_by_t2=False,
+                                                        reduction="none"), got)
+    # T^2 per problem, then the reductions
+    scaled = losses.distillation_loss(o, t_rep, temperature=temps, reduction="none")
+    torch.testing.assert_close(scaled, want * temps.view(P, 1) ** 2, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(losses.distillation_loss(o, t_rep, temperature=temps), scaled.mean())
+    torch.testing.assert_close(losses.distillation_loss(o, t_rep, temperature=temps, reduction="sum"), scaled.sum())
+
+
+@pytest.mark.parametrize("T", [0.5, 2.0, 3.3])
+def test_distillation_number_and_tensor_temperatures_agree(T):
+    g = torch.Generator().manual_seed(12)
+    s, t = torch.randn(7, 5, generator=g, dtype=torch.float64), torch.randn(7, 5, generator=g, dtype=torch.float64)
+    as_number = losses.distillation_loss(s, t, temperature=T, reduction="none")
+    want = F.kl_div(F.log_softmax(s / T, 1), F.log_softmax(t / T, 1), reduction="none", log_target=True).sum(1) * T ** 2
+    torch.testing.assert_close(as_number, want, rtol=1e-12, atol=1e-14)  # T not rounded through float32
+    for shape in ((), (1,), (7,), (7, 1)):
+        temp = torch.full(shape, T, dtype=torch.float64)
+        torch.testing.assert_close(losses.distillation_loss(s, t, temperature=temp, reduction="none"), as_number)
+    # one temperature per example
+    per_example = torch.linspace(0.5, 4.0, 7, dtype=torch.float64)
+    got = losses.distillation_loss(s, t, temperature=per_example, reduction="none")
+    for i in range(7):
+        Ti = per_example[i].item()
+        torch.testing.assert_close(got[i], losses.distillation_loss(s[i:i + 1], t[i:i + 1], temperature=Ti))
+    assert losses.distillation_loss(s.float(), t.float(), temperature=per_example).dtype == torch.float32
+
+
+def test_distillation_refuses_bad_temperatures_and_reductions():
+    s = torch.zeros(4, 3, 5)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        losses.distillation_loss(s, s, temperature=torch.tensor([1.0, 0.0, 1.0, 1.0]).view(4, 1))
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        losses.distillation_loss(s, s, temperature=-1.0)
+    with pytest.raises(ValueError, match="temperature must be a number or a tensor broadcastable"):
+        losses.distillation_loss(s, s, temperature=torch.ones(5))  # one per class is not a temperature
+    with pytest.raises(ValueError, match="size 1 in the last"):
+        losses.distillation_loss(s, s, temperature=torch.ones(4, 1, 5))
+    with pytest.raises(ValueError, match="temperature must be a number or a tensor broadcastable"):
+        losses.distillation_loss(s, s, temperature=torch.ones(2, 3, 1))
+    with pytest.raises(ValueError, match="temperature must be a number or a tensor broadcastable"):
+        losses.distillation_loss(s, s, temperature=torch.ones(1, 4, 3, 1))
+    with pytest.raises(ValueError, match="'mean' averages over classes"):
+        losses.distillation_loss(s, s, reduction="mean")
+
+
+def test_bce_at_infinite_logits_is_not_nan():
+    """Confidently right at a logit of +-inf costs 0 (torch gives NaN: 0 * inf); confidently wrong, inf."""
+    x = torch.tensor([-math.inf, math.inf, -math.inf, math.inf])
+    t = torch.tensor([0.0, 1.0, 1.0, 0.0])
+    assert torch.isnan(F.binary_cross_entropy_with_logits(x[:2], t[:2], reduction="none")).all()
+    value, grad = grad_of(losses.bce_with_logits, x, t, reduction="none")
+    assert value.tolist() == [0.0, 0.0, math.inf, math.inf]
+    assert grad.tolist() == [0.0, 0.0, -1.0, 1.0]
+
+
+def test_knobs_refuse_nan_and_out_of_range_inputs():
+    x, t = logits_and_targets(torch.float64)
+    with pytest.raises(ValueError, match="alpha must be <= 1"):
+        losses.sigmoid_focal_loss(x, t, alpha=float("nan"))  # used to disable the weight silently
+    with pytest.raises(ValueError, match="input must hold probabilities in \\[0, 1\\] with from_logits=False"):
+        losses.dice_loss(torch.full((1, 1, 3), 3.0), torch.ones(1, 1, 3), from_logits=False)  # used to give -0.46

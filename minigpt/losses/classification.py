@@ -9,7 +9,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._checks import check_float_pair, check_reduction, reduce
+from .common import check_float_pair, check_floating, check_reduction, check_tensor, reduce
 
 
 def _check_binary_target(target: torch.Tensor, name: str = "target") -> None:
@@ -40,10 +40,22 @@ def bce_with_logits(input: torch.Tensor, target: torch.Tensor, *, pos_weight: to
     neg = F.softplus(input)  # -log s(-x)
     if pos_weight is not None:
         pw = torch.as_tensor(pos_weight, dtype=input.dtype, device=input.device)
-        if bool((pw <= 0).any()):
-            raise ValueError("pos_weight must be > 0")
+        try:
+            fits = torch.broadcast_shapes(pw.shape, input.shape) == input.shape
+        except RuntimeError:
+            fits = False
+        if not fits:
+            # torch would raise its own broadcasting error, or silently grow the loss to a larger shape
+            raise ValueError(f"pos_weight must be a scalar or broadcast to input's shape {tuple(input.shape)} "
+                             f"(one weight per class: shape ({input.shape[-1] if input.ndim else 1},)), "
+                             f"got shape {tuple(pw.shape)}")
+        if bool((pw <= 0).any()) or not bool(torch.isfinite(pw).all()):
+            raise ValueError("pos_weight must be > 0 and finite")
         pos = pos * pw
-    return reduce(target * pos + (1 - target) * neg, reduction)
+    # select, not multiply: at a logit of +-inf one of the two terms is 0 * inf (NaN) where it should be 0
+    pos_term = torch.where(target > 0, target * pos, torch.zeros_like(pos))
+    neg_term = torch.where(target < 1, (1 - target) * neg, torch.zeros_like(neg))
+    return reduce(pos_term + neg_term, reduction)
 
 
 def hinge_loss(input: torch.Tensor, target: torch.Tensor, *, margin: float = 1.0,
@@ -83,10 +95,13 @@ def multi_margin_loss(input: torch.Tensor, target: torch.Tensor, *, p: int = 1, 
     Args:
         input: (N, C) scores. target: (N,) int64 labels. p: 1 or 2. weight: (C,) class weights.
     """
-    if not isinstance(input, torch.Tensor) or input.ndim != 2:
-        raise ValueError("input must be an (N, C) tensor of scores")
-    if not isinstance(target, torch.Tensor) or target.dtype != torch.long or target.shape != input.shape[:1]:
-        raise ValueError(f"target must be an int64 tensor of shape ({input.shape[0]},)")
+    check_floating(input, "input")
+    check_tensor(target, "target")
+    if input.ndim != 2:
+        raise ValueError(f"input must be an (N, C) tensor of scores, got shape {tuple(input.shape)}")
+    if target.dtype != torch.long or target.shape != input.shape[:1]:
+        raise ValueError(f"target must be an int64 tensor of shape ({input.shape[0]},), got dtype {target.dtype} "
+                         f"and shape {tuple(target.shape)}")
     C = input.shape[1]
     if bool(((target < 0) | (target >= C)).any()):
         raise ValueError(f"target holds labels outside [0, {C})")
@@ -98,9 +113,10 @@ def multi_margin_loss(input: torch.Tensor, target: torch.Tensor, *, p: int = 1, 
     violation = violation.scatter(1, target[:, None], 0.0)  # the true class does not compete with itself
     loss = violation.sum(dim=1) / C
     if weight is not None:
+        check_floating(weight, "weight")
         if weight.shape != (C,):
             raise ValueError(f"weight must have shape ({C},), got {tuple(weight.shape)}")
-        loss = loss * weight[target]
+        loss = loss * weight[target].to(loss.dtype)  # a float64 weight must not promote a float32 loss
     return reduce(loss, reduction)
 
 
@@ -129,7 +145,7 @@ def sigmoid_focal_loss(input: torch.Tensor, target: torch.Tensor, *, alpha: floa
     _check_binary_target(target)
     if not gamma >= 0:
         raise ValueError(f"gamma must be >= 0, got {gamma}")
-    if alpha > 1:
+    if not alpha <= 1:  # written so that NaN is refused too
         raise ValueError(f"alpha must be <= 1 (negative disables it), got {alpha}")
     bce = bce_with_logits(input, target, reduction="none")
     if gamma > 0:
@@ -144,13 +160,37 @@ def sigmoid_focal_loss(input: torch.Tensor, target: torch.Tensor, *, alpha: floa
     return reduce(loss, reduction)
 
 
+KL_REDUCTIONS = ("batchmean", "sum", "none")
+
+
+def _check_kl_reduction(reduction: str) -> None:
+    if reduction not in KL_REDUCTIONS:
+        raise ValueError(f"reduction must be one of {KL_REDUCTIONS}, got {reduction!r}"
+                         + (" ('mean' averages over classes too, which is not a KL; use 'batchmean')"
+                            if reduction == "mean" else ""))
+
+
+def _kl_log_target(input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Pointwise ``exp(target) (target - input)``, 0 where ``target = log p = -inf``.
+
+    Double ``where``: the selected-away branch is computed on a finite stand-in, because autograd
+    multiplies its zero gradient by the branch's own derivative, and ``exp(-inf) * (-inf - input)``
+    has derivative 0 * inf = NaN with respect to ``target`` (and ``input``, if it is -inf too)."""
+    present = target != -math.inf
+    safe_target = torch.where(present, target, torch.zeros_like(target))
+    safe_input = torch.where(present, input, torch.zeros_like(input))
+    return torch.where(present, safe_target.exp() * (safe_target - safe_input), torch.zeros_like(safe_target))
+
+
 def kl_div(input: torch.Tensor, target: torch.Tensor, *, reduction: str = "batchmean",
            log_target: bool = False) -> torch.Tensor:
     """Kullback-Leibler divergence ``KL(p || q) = sum p (log p - log q)`` with ``F.kl_div``'s argument order:
     ``input`` is the model's **log**-probabilities ``log q``, ``target`` the reference distribution ``p``.
 
-    Terms with ``p = 0`` contribute 0 (``0 log 0 = 0``). Pass ``log_target=True`` to give ``log p``; then
-    ``log p = -inf`` also contributes 0, where ``F.kl_div(log_target=True)`` returns NaN.
+    Terms with ``p = 0`` contribute 0 (``0 log 0 = 0``), with zero gradient, also where ``log q = -inf``
+    (``F.kl_div`` gives NaN there, 0 * inf). Pass ``log_target=True`` to give ``log p``; then
+    ``log p = -inf`` also contributes 0 with zero gradient in both arguments, where
+    ``F.kl_div(log_target=True)`` returns NaN.
 
     Args:
         input: (N, ..., C) log-probabilities, e.g. ``log_softmax(logits, -1)``; every entry must be <= 0.
@@ -160,45 +200,91 @@ def kl_div(input: torch.Tensor, target: torch.Tensor, *, reduction: str = "batch
             which is not a KL; it is refused here.
     """
     check_float_pair(input, target)
-    if reduction not in ("batchmean", "sum", "none"):
-        raise ValueError(f"reduction must be 'batchmean', 'sum' or 'none', got {reduction!r}"
-                         + (" ('mean' averages over classes too, which is not a KL; use 'batchmean')"
-                            if reduction == "mean" else ""))
+    _check_kl_reduction(reduction)
     if bool((input > 1e-6).any()):
         raise ValueError("input must hold log-probabilities (<= 0): pass log_softmax(logits), not logits or probabilities")
     if log_target:
-        # log p = -inf is p = 0, whose term is 0; F.kl_div returns NaN there (0 * inf)
-        pointwise = torch.where(target == -math.inf, 0.0, target.exp() * (target - input))
+        pointwise = _kl_log_target(input, target)
     else:
         if bool((target < 0).any()):
             raise ValueError("target must hold probabilities (>= 0); pass log_target=True for log-probabilities")
-        pointwise = torch.xlogy(target, target) - target * input
+        # p = 0 where log q = -inf: 0 * -inf is NaN; the term is 0 (double where, as above)
+        present = target > 0
+        safe_input = torch.where(present, input, torch.zeros_like(input))
+        pointwise = torch.where(present, torch.xlogy(target, target) - target * safe_input,
+                                torch.zeros_like(target))
     if reduction == "none":
         return pointwise
     total = pointwise.sum()
     return total / input.shape[0] if reduction == "batchmean" else total
 
 
-def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temperature: float = 1.0,
-                      scale_by_t2: bool = True) -> torch.Tensor:
+def _leading_temperature(temperature, logits: torch.Tensor) -> torch.Tensor:
+    """``temperature`` as a tensor of logits' leading shape (``logits.shape[:-1]``), in logits' dtype."""
+    if isinstance(temperature, torch.Tensor):
+        T = temperature.to(logits.device)
+    else:  # a Python number straight into logits' dtype, not through float32 first
+        T = torch.as_tensor(temperature, dtype=logits.dtype, device=logits.device)
+    lead = logits.shape[:-1]
+    if T.ndim == logits.ndim:
+        # broadcast against the logits themselves, as in s / T: one temperature per position, not per class
+        if T.shape[-1] != 1:
+            raise ValueError(f"temperature with as many dimensions as the logits must have size 1 in the last "
+                             f"(class) dimension, got shape {tuple(T.shape)}")
+        T = T.squeeze(-1)
+    try:
+        fits = T.ndim <= len(lead) and torch.broadcast_shapes(T.shape, lead) == lead
+    except RuntimeError:
+        fits = False
+    if not fits:
+        raise ValueError(f"temperature must be a number or a tensor broadcastable to the logits' leading shape "
+                         f"{tuple(lead)} (or to the logits, with size 1 in the class dimension), "
+                         f"got shape {tuple(T.shape)}")
+    if not bool((T > 0).all()) or not bool(torch.isfinite(T).all()):
+        raise ValueError(f"temperature must be > 0 and finite everywhere, got "
+                         f"{T.min().item() if not bool((T > 0).all()) else T.max().item()}")
+    # a float64 temperature must not promote float32 logits
+    return T.to(logits.dtype).expand(lead)
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
+                      temperature: float | torch.Tensor = 1.0, scale_by_t2: bool = True,
+                      reduction: str = "batchmean") -> torch.Tensor:
     """Knowledge distillation (Hinton et al. 2015): KL(teacher || student) between their softmaxes at
-    ``temperature``, averaged over examples (or tokens), times ``T^2`` so that the gradient keeps its
-    size as T changes.
+    temperature T, per position, times ``T^2`` so that the gradient keeps its size as T changes.
+
+    .. math::
+        \\ell = T^2 \\sum_v p_v (\\log p_v - \\log q_v), \\quad
+        p = \\mathrm{softmax}(t / T), \\ q = \\mathrm{softmax}(s / T)
 
     Args:
-        student_logits, teacher_logits: (..., V) logits of the same shape; leading dimensions (batch,
-            sequence) are all averaged over, so on (B, T, V) this is the mean KL per token (where
-            ``F.kl_div(reduction="batchmean")`` would divide by B only).
-    Equal to ``F.kl_div(log_softmax(s / T), softmax(t / T), reduction="batchmean") * T**2`` on 2-D input.
+        student_logits, teacher_logits: (..., V) logits of the same shape; the leading dimensions
+            (batch, sequence, problem) are positions. No gradient flows to ``teacher_logits``.
+        temperature: T > 0, a number or a tensor: broadcastable to the leading shape (e.g. (N,) per
+            example, or (P, 1) per problem for (P, N, V) logits), or with the logits' number of
+            dimensions and size 1 in the last, broadcastable to the logits (e.g. (P, 1, 1)).
+        scale_by_t2: multiply each position's KL by its own ``T^2`` before reducing.
+        reduction: ``"batchmean"`` (the mean over all leading positions: on (B, T, V) the mean KL per
+            token, where ``F.kl_div(reduction="batchmean")`` would divide by B only), ``"sum"``, or
+            ``"none"`` (per position, the leading shape).
+
+    Equal to ``F.kl_div(log_softmax(s / T), softmax(t / T), reduction="batchmean") * T**2`` on 2-D input
+    with a number T; with ``reduction="none"`` and ``scale_by_t2=False`` it is
+    ``F.kl_div(log_softmax(s / T, -1), log_softmax(t / T, -1), reduction="none", log_target=True).sum(-1)``.
     """
-    check_float_pair(student_logits, teacher_logits)
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    V = student_logits.shape[-1]
-    log_q = F.log_softmax(student_logits.reshape(-1, V) / temperature, dim=-1)
-    log_p = F.log_softmax(teacher_logits.reshape(-1, V).detach() / temperature, dim=-1)
-    kl = F.kl_div(log_q, log_p, reduction="batchmean", log_target=True)
-    return kl * temperature ** 2 if scale_by_t2 else kl
+    check_float_pair(student_logits, teacher_logits, names=("student_logits", "teacher_logits"))
+    if student_logits.ndim < 1:
+        raise ValueError("student_logits must have a class dimension (..., V)")
+    _check_kl_reduction(reduction)
+    T = _leading_temperature(temperature, student_logits)  # (...,) leading shape
+    log_q = F.log_softmax(student_logits / T[..., None], dim=-1)
+    log_p = F.log_softmax(teacher_logits.detach() / T[..., None], dim=-1)
+    kl = _kl_log_target(log_q, log_p).sum(dim=-1)  # (...,) per position
+    if scale_by_t2:
+        kl = kl * T ** 2
+    if reduction == "none":
+        return kl
+    return kl.mean() if reduction == "batchmean" else kl.sum()
 
 
 def dice_loss(input: torch.Tensor, target: torch.Tensor, *, smooth: float = 1.0, from_logits: bool = True,
@@ -219,6 +305,9 @@ def dice_loss(input: torch.Tensor, target: torch.Tensor, *, smooth: float = 1.0,
         raise ValueError(f"input must have shape (B, C, *spatial) with at least one spatial dimension, got {tuple(input.shape)}")
     if not smooth > 0:
         raise ValueError(f"smooth must be > 0 (it keeps empty masks finite), got {smooth}")
+    if not from_logits and bool(((input < 0) | (input > 1)).any()):
+        raise ValueError("input must hold probabilities in [0, 1] with from_logits=False (pass logits with "
+                         "from_logits=True)")
     probs = torch.sigmoid(input) if from_logits else input
     dims = tuple(range(2, input.ndim))
     intersection = (probs * target).sum(dims)
@@ -237,19 +326,30 @@ def info_nce_loss(z1: torch.Tensor, z2: torch.Tensor, *, temperature: float = 0.
 
     Args:
         z1, z2: (N, D) embeddings, N >= 2. temperature: T > 0. symmetric: average both directions.
+
+    Computed in the inputs' precision (float64 stays float64); float16 and bfloat16 are computed in
+    float32 and the loss returned in their dtype.
     """
-    check_float_pair(z1, z2)
+    check_float_pair(z1, z2, names=("z1", "z2"))
     if z1.ndim != 2 or z1.shape[0] < 2:
         raise ValueError(f"z1 must have shape (N, D) with N >= 2, got {tuple(z1.shape)}")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    a, b = F.normalize(z1.float(), dim=1), F.normalize(z2.float(), dim=1)
+    out_dtype = torch.promote_types(z1.dtype, z2.dtype)
+    dtype = _compute_dtype(out_dtype)
+    a, b = F.normalize(z1.to(dtype), dim=1), F.normalize(z2.to(dtype), dim=1)
     logits = a @ b.T / temperature  # (N, N): positives on the diagonal
     labels = torch.arange(len(a), device=a.device)
     loss = F.cross_entropy(logits, labels)
     if symmetric:
         loss = (loss + F.cross_entropy(logits.T, labels)) / 2
-    return loss.to(z1.dtype)
+    return loss.to(out_dtype)
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    # half precision overflows exp(1 / T) and rounds similarities to 3 digits: compute those in float32;
+    # float32 and float64 keep their own precision
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def neighbour_positive_mask(n: int, device=None) -> torch.Tensor:
@@ -276,10 +376,10 @@ def neighbour_info_nce_loss(features: torch.Tensor, *, temperature: float = 0.07
                          f"{getattr(features, 'shape', type(features))}")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    z = F.normalize(features, dim=1)
+    z = F.normalize(features.to(_compute_dtype(features.dtype)), dim=1)
     n = len(z)
     eye = torch.eye(n, dtype=torch.bool, device=z.device)
     positive = neighbour_positive_mask(n, z.device)
     sim = (z @ z.T / temperature).masked_fill(eye, -math.inf)
     log_p = sim - torch.logsumexp(sim, dim=1, keepdim=True)
-    return -torch.logsumexp(log_p.masked_fill(~positive, -math.inf), dim=1).mean()
+    return -torch.logsumexp(log_p.masked_fill(~positive, -math.inf), dim=1).mean().to(features.dtype)

@@ -13,7 +13,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._checks import check_float_pair, check_reduction, reduce
+from .common import check_float_pair, check_floating, check_reduction, reduce
 
 
 def mse_loss(input: torch.Tensor, target: torch.Tensor, *, reduction: str = "mean") -> torch.Tensor:
@@ -137,19 +137,20 @@ def multi_quantile_loss(input: torch.Tensor, target: torch.Tensor, quantiles, *,
     which the book counts rather than hides.
     """
     check_reduction(reduction)
-    q = torch.as_tensor(quantiles, dtype=input.dtype if isinstance(input, torch.Tensor) else None)
+    check_floating(input, "input")
+    check_floating(target, "target")
+    # checked in float64, not in input's dtype: float16 rounds 0.9999 to 1 (an integer dtype would round
+    # 0.1 to 0, the old error blaming the quantiles for the input's dtype)
+    q = torch.as_tensor(quantiles, dtype=torch.float64)
     if q.ndim != 1 or len(q) == 0:
         raise ValueError(f"quantiles must be a non-empty 1-D sequence, got shape {tuple(q.shape)}")
     for value in q.tolist():
         _check_quantile(value, "quantiles")
-    if not isinstance(input, torch.Tensor) or input.ndim == 0 or input.shape[-1] != len(q):
-        shape = tuple(input.shape) if isinstance(input, torch.Tensor) else type(input).__name__
-        raise ValueError(f"input must have a last dimension of len(quantiles) = {len(q)}, got {shape}")
-    if not isinstance(target, torch.Tensor) or target.shape != input.shape[:-1]:
-        shape = tuple(target.shape) if isinstance(target, torch.Tensor) else type(target).__name__
+    if input.ndim == 0 or input.shape[-1] != len(q):
+        raise ValueError(f"input must have a last dimension of len(quantiles) = {len(q)}, got {tuple(input.shape)}")
+    if target.shape != input.shape[:-1]:
         raise ValueError(f"target must have shape {tuple(input.shape[:-1])} (input without its last "
-                         f"dimension), got {shape}")
-    check_float_pair(input, target.unsqueeze(-1).expand_as(input))
+                         f"dimension), got {tuple(target.shape)}")
     r = target.unsqueeze(-1) - input  # (..., Q)
-    q = q.to(input.device)
+    q = q.to(device=input.device, dtype=input.dtype)
     return reduce(torch.maximum(q * r, (q - 1.0) * r), reduction)

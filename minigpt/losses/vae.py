@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._checks import check_float_pair
+from .common import check_float_pair, check_reduction
 
 
 def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor, *, reduction: str = "batchmean") -> torch.Tensor:
@@ -21,7 +21,8 @@ def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor, *, reduction: str = "bat
         reduction: ``"none"`` (B, D); ``"batchmean"`` summed over dimensions, averaged over the batch (the
             ELBO's KL term per example, in nats); ``"sum"``; ``"mean"`` over all elements.
     """
-    check_float_pair(mu, logvar)
+    check_float_pair(mu, logvar, names=("mu", "logvar"))
+    check_reduction(reduction, ("none", "batchmean", "sum", "mean"))
     if mu.ndim != 2:
         raise ValueError(f"mu must have shape (B, D), got {tuple(mu.shape)}")
     kl = 0.5 * (mu ** 2 + torch.exp(logvar) - 1.0 - logvar)
@@ -29,11 +30,7 @@ def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor, *, reduction: str = "bat
         return kl
     if reduction == "batchmean":
         return kl.sum() / mu.shape[0]
-    if reduction == "sum":
-        return kl.sum()
-    if reduction == "mean":
-        return kl.mean()
-    raise ValueError(f"reduction must be 'none', 'batchmean', 'sum' or 'mean', got {reduction!r}")
+    return kl.sum() if reduction == "sum" else kl.mean()
 
 
 @dataclass
@@ -76,7 +73,7 @@ def free_bits_kl(mu: torch.Tensor, logvar: torch.Tensor, *, free_bits: float,
 def linear_beta(step: int, warmup_steps: int, beta_max: float = 1.0) -> float:
     """KL annealing (Bowman et al. 2016): beta rises linearly from 0 to ``beta_max`` over
     ``warmup_steps``, then stays."""
-    if warmup_steps < 1:
+    if not warmup_steps >= 1:
         raise ValueError(f"warmup_steps must be >= 1, got {warmup_steps}")
     return beta_max * min(1.0, max(0, step) / warmup_steps)
 
