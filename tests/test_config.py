@@ -65,3 +65,37 @@ def test_threads(monkeypatch):
         assert config.configure_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_progress_default(monkeypatch):
+    for name in ("MINIGPT_PROGRESS", "PYTEST_CURRENT_TEST", "PYTEST_XDIST_WORKER"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MINIGPT_PROGRESS", "1")
+    assert config.progress_default() is True
+    monkeypatch.setenv("MINIGPT_PROGRESS", "0")
+    assert config.progress_default() is False
+    monkeypatch.setenv("MINIGPT_PROGRESS", "maybe")
+    with pytest.raises(ValueError, match="MINIGPT_PROGRESS"):
+        config.progress_default()
+    monkeypatch.delenv("MINIGPT_PROGRESS")
+    monkeypatch.setenv("PYTEST_CURRENT_TEST", "tests/x.py::test (call)")  # what kernels under nbval inherit
+    assert config.progress_default() is False
+
+
+def test_book_build_turns_bars_off(monkeypatch):
+    """The book's Sphinx extension sets MINIGPT_PROGRESS=0 before any chapter's kernel starts."""
+    import importlib.util
+    from pathlib import Path
+
+    monkeypatch.delenv("MINIGPT_PROGRESS", raising=False)
+    spec = importlib.util.spec_from_file_location(
+        "offline_html", Path(__file__).parents[1] / "book" / "_ext" / "offline_html.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    class App:
+        def connect(self, *args):
+            pass
+
+    module.setup(App())
+    assert config.progress_default() is False

@@ -204,3 +204,39 @@ def test_fully_masked_update_is_an_error(tiny_config):
     masked = lambda split, gen: (torch.zeros(2, 4, dtype=torch.long), torch.full((2, 4), -100))  # noqa: E731
     with pytest.raises(ValueError, match="ignored"):
         train(_model(tiny_config), masked, TrainConfig(max_iters=1, **FAST))
+
+
+def test_training_under_pytest_prints_no_bar(corpus, tiny_config, capsys):
+    """progress=None: off under pytest (and in the book build), so no bar text reaches a log or a page."""
+    train(_model(tiny_config), corpus.batch_fn(4, 16), TrainConfig(max_iters=3, eval_iters=0))
+    captured = capsys.readouterr()
+    assert "train" not in captured.err and "step" not in captured.err
+
+
+def test_resume_restores_cuda_rng_for_the_gpus_present(monkeypatch):
+    """A checkpoint from a machine with more GPUs restores the GPUs present; one from a CPU-only machine
+    seeds CUDA's generators instead of leaving them unseeded. (Faked CUDA: runs without a GPU.)"""
+    import importlib
+
+    train_module = importlib.import_module("minigpt.train")  # the module; minigpt.train is the function
+
+    calls = []
+
+    class FakeGenerator:
+        def __init__(self, index):
+            self.index = index
+
+        def manual_seed(self, seed):
+            calls.append(("seed", self.index, seed))
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: calls.append(("set", device, state)))
+    monkeypatch.setattr(torch.cuda, "default_generators", (FakeGenerator(0), FakeGenerator(1)), raising=False)
+    gen = torch.Generator()
+    base = {"torch": torch.get_rng_state(), "train_gen": gen.get_state()}
+    train_module._set_rng_state({**base, "cuda": ["s0", "s1", "s2", "s3"]}, gen, reseed=7)
+    assert calls == [("set", 0, "s0"), ("set", 1, "s1")]  # four saved, two present
+    calls.clear()
+    train_module._set_rng_state(base, gen, reseed=7)  # saved on a CPU-only machine
+    assert calls == [("seed", 0, 7), ("seed", 1, 8)]

@@ -1,0 +1,107 @@
+"""Smoke tests of every chapter's ``full`` setup: its model and data built at full scale, and two updates
+of each kind of training the chapter runs, on whatever device ``minigpt.device()`` picks (the CPU in CI).
+
+This is no substitute for running the chapters at full scale on a GPU. It makes a crash, a shape error or
+a device mix-up in a ``full`` code path fail here instead of on a reader's GPU. Batches are cut to a few
+sequences so that two updates of the 10.7M-parameter model take seconds on a CPU; everything else (model
+size, block, number of splits, data) is the full setup's.
+"""
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+import minigpt
+from minigpt import losses
+from minigpt.data import CharCorpus, load_breast_cancer, load_diabetes, load_digit_images, load_digits, load_stacked
+from minigpt.model import GPT
+from minigpt.setups import classification_setup, foundations_setup, regression_setup
+from minigpt.sft import run_sft, sft_setup
+from minigpt.small_models import MLP, Linear, SegmentationNet, fit_full_batch
+from minigpt.synthetic import blob_segmentation, digit_view
+from minigpt.train import TrainConfig, train
+
+DEVICE = minigpt.device()
+TWO = dict(max_iters=2, eval_interval=1, eval_iters=1, warmup_iters=1, progress=False)
+
+
+def test_foundations_full(corpus):
+    setup = foundations_setup("full")
+    assert setup.model.n_layer == 6 and setup.model.block_size == 256 and setup.batch_size == 64
+    torch.manual_seed(0)
+    model = GPT(setup.model).to(DEVICE)
+    get_batch = corpus.batch_fn(2, setup.model.block_size, device=DEVICE)
+    result = train(model, get_batch, replace(setup.run, **TWO))
+    assert result.steps_done == 2 and len(result.history.val_loss) == 3
+    tiny = CharCorpus(corpus.tokenizer, corpus.train[:setup.overfit_chars], corpus.val)
+    result = train(model, tiny.batch_fn(2, setup.model.block_size, device=DEVICE),
+                   replace(setup.overfit, patience=3, **TWO))
+    assert result.steps_done == 2
+    model.eval()
+    out = model.generate(torch.zeros(1, 1, dtype=torch.long, device=DEVICE), 5, temperature=0.8,
+                         generator=torch.Generator().manual_seed(0))
+    assert out.shape == (1, 6)
+
+
+def test_regression_full():
+    setup = regression_setup("full")
+    data = load_stacked(load_diabetes, minigpt.seeds(setup.n_seeds), dtype=torch.float64)
+    assert data.X_train.shape[0] == setup.n_seeds
+    model = Linear(data.n_features, problems=setup.n_seeds)
+    history = fit_full_batch(model, data.X_train, data.y_train,
+                             lambda p, t: losses.huber_loss(p, t, reduction="none"), steps=2)
+    assert len(history) == 2
+
+
+def test_classification_full():
+    setup = classification_setup("full")
+    seeds = minigpt.seeds(setup.n_seeds)
+    for loader, n_out in ((load_breast_cancer, 1), (load_digits, 10)):
+        data = load_stacked(loader, seeds, dtype=torch.float64)
+        model = Linear(data.n_features, n_out, problems=setup.n_seeds)
+        target = data.y_train.double() if n_out == 1 else data.y_train
+        loss = ((lambda o, t: losses.bce_with_logits(o, t, reduction="none")) if n_out == 1 else
+                (lambda o, t: losses.cross_entropy(o.flatten(0, -2), t.flatten(), reduction="none").view(t.shape)))
+        assert len(fit_full_batch(model, data.X_train, target, loss, steps=2)) == 2
+    # the network experiments: a segmentation net and a contrastive encoder, two updates each
+    images, masks = blob_segmentation(64, 16, torch.Generator().manual_seed(0))
+    images, masks = images.to(DEVICE), masks.to(DEVICE)
+
+    def seg_batch(split, g):
+        idx = torch.randint(0, len(images), (setup.seg_batch,), generator=g).to(DEVICE)
+        return images[idx], masks[idx]
+
+    def dice(net, batch):
+        return losses.dice_loss(net(batch[0]), batch[1]) * len(batch[0]), len(batch[0])
+
+    result = train(SegmentationNet().to(DEVICE), seg_batch, TrainConfig.adam(2, 0.01, progress=False), batch_loss=dice)
+    assert result.steps_done == 2
+    digits, _ = load_digit_images()
+
+    def views(split, g):
+        idx = torch.randint(0, len(digits), (setup.con_batch,), generator=g)
+        return digit_view(digits[idx], g).to(DEVICE), digit_view(digits[idx], g).to(DEVICE)
+
+    def info_nce(enc, batch):
+        return losses.info_nce_loss(enc(batch[0]), enc(batch[1])) * len(batch[0]), len(batch[0])
+
+    encoder = MLP(64, 64, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float32).to(DEVICE)
+    assert train(encoder, views, TrainConfig.adam(2, 3e-3, progress=False), batch_loss=info_nce).steps_done == 2
+
+
+@pytest.mark.parametrize("reduction", ["token_mean", "sequence_mean"])
+def test_sft_full(reduction):
+    setup = sft_setup("full")
+    assert setup.batch_size == 32 and setup.train.max_iters == 1500
+    small_run = replace(setup, n_test=48, train=replace(setup.train, max_iters=2, warmup_iters=1, progress=False))
+    run = run_sft(small_run, 0, reduction=reduction, device=DEVICE)
+    assert run.result.steps_done == 2 and run.model.config.n_embd == 128
+    rates = run.evaluation.rates()
+    assert rates.n == 48 and 0 <= rates.exact <= 1
+
+
+def test_masked_prompt_with_weight_full():
+    setup = sft_setup("full")
+    small_run = replace(setup, n_test=16, train=replace(setup.train, max_iters=2, warmup_iters=1, progress=False))
+    assert run_sft(small_run, 1, prompt_weight=0.1, device=DEVICE).result.steps_done == 2
