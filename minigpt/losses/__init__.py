@@ -4,12 +4,14 @@ Modules by family; everything is importable from here:
 
 - ``regression``: MSE, MAE, Huber, SmoothL1, log-cosh (stable), quantile and multi-quantile.
 - ``classification``: BCE with logits and pos_weight, hinge, squared hinge, exponential, multi-class hinge,
-  sigmoid focal, KL divergence, distillation with temperature, Dice, InfoNCE.
+  sigmoid focal, KL divergence, distillation with temperature (a number or one per position),
+  Dice, InfoNCE.
 - ``sequence``: per-token NLL and the SFT reductions (sum, token mean, sequence mean, 1/T^alpha) with
   correct gradient-accumulation normalisation; prompt masking, token weighting, the notes' adaptive
   length penalty.
-- ``token``: cross-entropy (class weights, ignore_index, both label-smoothing conventions) and softmax
-  focal loss as lean autograd functions, plus the naive focal loss for comparison.
+- ``token``: cross-entropy (every ``F.cross_entropy`` shape, class indices or probabilities, class weights,
+  ignore_index, both label-smoothing conventions) and softmax focal loss as lean autograd functions, plus
+  the naive focal loss for comparison.
 - ``vae``: Gaussian KL, free bits, linear and cyclical beta schedules, active units.
 - ``common``: the constants (``IGNORE_INDEX``, ``REDUCTIONS``) and the argument checks the others share.
 

@@ -124,13 +124,16 @@ def _softmax_gradient(x, m, lse_rel, a, rest, drop=None) -> torch.Tensor:
     whose softmax is NaN)."""
     acc = _accumulate_dtype(x.dtype)
     grad = torch.empty_like(x)
+    # softmax = exp(x - m) * exp(-lse_rel): one pass fewer than subtracting lse_rel, as exact (lse_rel is
+    # in [0, log C], so exp(-lse_rel) is a per-row number with a rounding error of one ulp)
+    a = a * torch.exp(-lse_rel)
     for sl in _chunks(x.shape[0]):
         if acc == x.dtype:
             block = grad[sl]
             torch.sub(x[sl], m[sl, None], out=block)
         else:
             block = x[sl].to(acc) - m[sl, None]
-        block.sub_(lse_rel[sl, None]).exp_().mul_(a[sl, None])
+        block.exp_().mul_(a[sl, None])
         rest(block, sl)
         if drop is not None:
             block.masked_fill_(drop[sl, None], 0.0)
@@ -340,7 +343,7 @@ def softmax_focal_loss(input: torch.Tensor, target: torch.Tensor, *, gamma: floa
 
     Args:
         input: logits, (C,), (N, C) or (N, C, d1, ...), classes in dim 1 as for ``F.cross_entropy``.
-        target: int64 class indices, () , (N,) or (N, d1, ...), or ``ignore_index``. Class probabilities
+        target: int64 class indices, (), (N,) or (N, d1, ...), or ``ignore_index``. Class probabilities
             are refused (ValueError): the focal term of a soft target has no single ``p_y``.
         gamma: focusing exponent >= 0; 0 is cross-entropy.
         alpha: (C,) class weights, or None. A single number would only rescale the loss, so it is not
