@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 
-def _exact_float(t: torch.Tensor) -> torch.Tensor:
+def exact_float(t: torch.Tensor) -> torch.Tensor:
     """``t`` as float64, for counts and sums that should not round; as float32 on Apple MPS, which has
     no float64. Stays on ``t``'s device."""
     return t.to(torch.float32 if t.device.type == "mps" else torch.float64)
@@ -75,9 +75,9 @@ def pr_auc(score: torch.Tensor, target: torch.Tensor) -> float:
     n_pos = int(target.sum())
     if n_pos == 0:
         raise ValueError("target has no positive example: precision-recall is undefined")
-    score = _exact_float(score)
+    score = exact_float(score)
     order = torch.argsort(score, descending=True, stable=True)
-    s, t = score[order], _exact_float(target[order])
+    s, t = score[order], exact_float(target[order])
     tp, fp = torch.cumsum(t, 0), torch.cumsum(1 - t, 0)
     last_of_tie = torch.ones_like(s, dtype=torch.bool)
     last_of_tie[:-1] = s[1:] != s[:-1]  # evaluate at the end of each run of tied scores
@@ -116,11 +116,11 @@ def reliability_diagram(probs: torch.Tensor, target: torch.Tensor, n_bins: int =
                          f"{tuple(probs.shape) if isinstance(probs, torch.Tensor) else type(probs).__name__}")
     if not isinstance(n_bins, int) or n_bins < 1:
         raise ValueError(f"n_bins must be a positive int, got {n_bins!r}")
-    p = _exact_float(probs.detach())
+    p = exact_float(probs.detach())
     if bool(((p < 0) | (p > 1)).any()) or not torch.allclose(p.sum(1), torch.ones_like(p[:, 0]), atol=1e-4):
         raise ValueError("probs must be probabilities in [0, 1] whose rows sum to 1 (apply softmax to logits)")
     confidence, predicted = p.max(dim=1)
-    correct = _exact_float(predicted == target)
+    correct = exact_float(predicted == target)
     bins = torch.clamp(torch.ceil(confidence * n_bins).long() - 1, 0, n_bins - 1)
     count = torch.bincount(bins, minlength=n_bins)
     conf_sum = torch.bincount(bins, weights=confidence, minlength=n_bins)
@@ -148,7 +148,7 @@ def interval_coverage(lower: torch.Tensor, upper: torch.Tensor, target: torch.Te
     for name, t in (("lower", lower), ("upper", upper)):
         if not isinstance(t, torch.Tensor) or t.shape != target.shape:
             raise ValueError(f"{name} must be a tensor of the shape of target {tuple(target.shape)}")
-    return _exact_float((target >= lower) & (target <= upper)).mean().item()
+    return exact_float((target >= lower) & (target <= upper)).mean().item()
 
 
 def quantile_crossing_rate(predictions: torch.Tensor) -> float:
@@ -157,7 +157,7 @@ def quantile_crossing_rate(predictions: torch.Tensor) -> float:
     if not isinstance(predictions, torch.Tensor) or predictions.ndim != 2 or predictions.shape[1] < 2:
         raise ValueError("predictions must be a tensor of shape (N, Q) with Q >= 2")
     crossed = (torch.diff(predictions, dim=1) < 0).any(dim=1)
-    return _exact_float(crossed).mean().item()
+    return exact_float(crossed).mean().item()
 
 
 def dice_score(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -169,7 +169,7 @@ def dice_score(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     for name, t in (("prediction", prediction), ("target", target)):
         if not bool(((t == 0) | (t == 1)).all()):
             raise ValueError(f"{name} must hold a binary mask (0/1)")
-    p, t = _exact_float(prediction.flatten(1)), _exact_float(target.flatten(1))
+    p, t = exact_float(prediction.flatten(1)), exact_float(target.flatten(1))
     total = p.sum(1) + t.sum(1)
     return torch.where(total > 0, 2 * (p * t).sum(1) / total.clamp_min(1), torch.ones_like(total))
 
@@ -180,6 +180,6 @@ def retrieval_accuracy(queries: torch.Tensor, keys: torch.Tensor) -> float:
     if not isinstance(queries, torch.Tensor) or queries.shape != keys.shape or queries.dim() != 2:
         raise ValueError(f"queries and keys must be tensors of one shape (N, D), got {tuple(queries.shape)} "
                          f"and {tuple(keys.shape)}")
-    q = torch.nn.functional.normalize(_exact_float(queries), dim=1)
-    k = torch.nn.functional.normalize(_exact_float(keys), dim=1)
-    return _exact_float((q @ k.T).argmax(1) == torch.arange(len(q), device=q.device)).mean().item()
+    q = torch.nn.functional.normalize(exact_float(queries), dim=1)
+    k = torch.nn.functional.normalize(exact_float(keys), dim=1)
+    return exact_float((q @ k.T).argmax(1) == torch.arange(len(q), device=q.device)).mean().item()

@@ -17,7 +17,7 @@ from collections import deque
 import torch
 import torch.nn as nn
 
-from .metrics import _exact_float
+from .metrics import exact_float
 
 
 def _stack(losses, name: str = "losses") -> torch.Tensor:
@@ -113,7 +113,7 @@ class DynamicWeightAverage:
 
     def update(self, epoch_losses) -> None:
         """Record the epoch-average loss of each task, K values (call once per epoch)."""
-        L = _exact_float(_stack(epoch_losses, "epoch_losses").detach())
+        L = exact_float(_stack(epoch_losses, "epoch_losses").detach())
         if len(L) != self.n_tasks:
             raise ValueError(f"epoch_losses must hold {self.n_tasks} values, got {len(L)}")
         self.history.append(L)
@@ -192,7 +192,7 @@ class GradNorm(nn.Module):
 def gradient_cosine(g1: torch.Tensor, g2: torch.Tensor) -> float:
     """Cosine between two task gradients of D elements each (any shape, flattened): negative means the
     tasks pull apart."""
-    return torch.nn.functional.cosine_similarity(_exact_float(g1.flatten()), _exact_float(g2.flatten()), dim=0).item()
+    return torch.nn.functional.cosine_similarity(exact_float(g1.flatten()), exact_float(g2.flatten()), dim=0).item()
 
 
 def pcgrad(grads, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -270,7 +270,7 @@ class _HistoryWeights:
 
     def update(self, losses) -> None:
         """Record K losses (call once per step)."""
-        L = _exact_float(_stack(losses).detach())
+        L = exact_float(_stack(losses).detach())
         if len(L) != self.n_tasks:
             raise ValueError(f"losses must hold {self.n_tasks} values, got {len(L)}")
         self.history.append(L)
@@ -322,7 +322,7 @@ def gradient_balance_weights(grad_norms) -> torch.Tensor:
     """The notes' "gradient balance" weights: ``mean(G) / G_i``, normalised to sum to K, from the norms of
     each task's gradient; tasks with small gradients get large weights. ``grad_norms``: K norms (a (K,)
     tensor or a sequence); returns (K,) float32 weights on their device."""
-    G = _exact_float(_stack(grad_norms, "grad_norms"))
+    G = exact_float(_stack(grad_norms, "grad_norms"))
     if bool((G < 0).any() | ~(G > 0).any()):  # one read-back for both checks
         raise ValueError("grad_norms must be K non-negative norms, not all zero")
     w = G.mean() / (G + 1e-8)
