@@ -76,6 +76,9 @@ def seed_everything(seed: int) -> torch.Generator:
 
     On the CPU this makes a run bit-reproducible: torch's CPU kernels are deterministic for a fixed
     number of threads. (A different thread count may change the order of floating-point reductions.)
+    On CUDA it fixes the random draws but not the order of every floating-point sum: some kernels (the
+    attention backward among them) use atomics, so runs agree closely, not bit for bit, unless
+    ``torch.use_deterministic_algorithms(True)`` is set.
     """
     if not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")

@@ -93,15 +93,15 @@ def test_classification_full():
 @pytest.mark.parametrize("reduction", ["token_mean", "sequence_mean"])
 def test_sft_full(reduction):
     setup = sft_setup("full")
-    assert setup.batch_size == 32 and setup.train.max_iters == 1500
-    small_run = replace(setup, n_test=48, train=replace(setup.train, max_iters=2, warmup_iters=1, progress=False))
+    assert setup.batch_size == 32 and setup.train.max_iters == 1000
+    small_run = replace(setup, n_test=8, train=replace(setup.train, max_iters=2, warmup_iters=1, progress=False))
     run = run_sft(small_run, 0, reduction=reduction, device=DEVICE)
     assert run.result.steps_done == 2 and run.model.config.n_embd == 128
     rates = run.evaluation.rates()
-    assert rates.n == 48 and 0 <= rates.exact <= 1
+    assert rates.n == 8 and 0 <= rates.exact <= 1
 
 
 def test_masked_prompt_with_weight_full():
     setup = sft_setup("full")
-    small_run = replace(setup, n_test=16, train=replace(setup.train, max_iters=2, warmup_iters=1, progress=False))
+    small_run = replace(setup, n_test=4, train=replace(setup.train, max_iters=2, warmup_iters=1, progress=False))
     assert run_sft(small_run, 1, prompt_weight=0.1, device=DEVICE).result.steps_done == 2
