@@ -1,4 +1,5 @@
-"""Statistics for experiments run over several seeds."""
+"""Statistics for experiments run over several seeds: means with t-intervals, paired comparisons, Pearson
+correlations with Fisher-z intervals, and Markdown tables of them for glued prose."""
 
 from __future__ import annotations
 
@@ -40,20 +41,6 @@ def mean_ci(values, confidence: float = 0.95) -> MeanCI:
     sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1))
     half = float(stats.t.ppf(0.5 + confidence / 2, df=n - 1)) * sd / math.sqrt(n)  # plain floats glue cleanly
     return MeanCI(mean, mean - half, mean + half, n, confidence)
-
-
-def over_seeds(fn, n: int = 5, seeds=None) -> dict[int, object]:
-    """Run ``fn(seed)`` for each seed and return ``{seed: result}``.
-
-    Seeds default to ``minigpt.config.seeds(n)``, derived from ``MINIGPT_SEED``, so that the whole
-    experiment moves when a reader picks another base seed (and a claim must survive that).
-    """
-    from .config import seeds as derive_seeds
-
-    chosen = list(seeds) if seeds is not None else derive_seeds(n)
-    if not chosen:
-        raise ValueError("seeds must not be empty")
-    return {seed: fn(seed) for seed in chosen}
 
 
 @dataclass

@@ -10,7 +10,7 @@ from sklearn.metrics import average_precision_score
 from sklearn.metrics import f1_score as sk_f1
 
 from minigpt import metrics
-from minigpt.experiments import markdown_table, mean_ci, over_seeds, paired_comparison, summary_table
+from minigpt.experiments import ci_cell, markdown_table, mean_ci, paired_comparison, summary_table
 
 
 def test_accuracy():
@@ -103,14 +103,26 @@ def test_paired_comparison_matches_scipy():
         paired_comparison([1.0, 2.0], [1.0])
 
 
-def test_over_seeds_and_tables(monkeypatch):
-    monkeypatch.setenv("MINIGPT_SEED", "10")
-    assert over_seeds(lambda s: s * 2, n=3) == {10: 20, 11: 22, 12: 24}
+def test_tables():
     rows = summary_table({"mse": [1.0, 2.0, 3.0], "huber": [1.0, 1.0, 1.0]})
     assert rows[0]["mean"] == 2.0 and rows[0]["low"] == pytest.approx(mean_ci([1, 2, 3]).low)
     table = markdown_table(rows, digits=2, label="loss")
     assert table.splitlines()[2].startswith("| mse | 2.00 | [") and "| huber | 1.00 | [1.00, 1.00] | 3 |" in table
     assert not math.isnan(rows[1]["high"])
+
+
+def test_ci_cells_and_dict_tables():
+    ci = mean_ci([0.41, 0.45, 0.43])
+    assert ci_cell([0.41, 0.45, 0.43], 1, scale=100, suffix="%") == f"43.0% ± {100 * ci.half_width:.1f}"
+    assert ci_cell(ci, 2, signed=True).startswith("+0.43 ± ")
+    table = markdown_table({"BCE": {"Dice": [0.7, 0.8, 0.75], "note": "text"},
+                            "Dice": {"Dice": ci, "note": "more"}}, digits=2, label="loss")
+    lines = table.splitlines()
+    assert lines[0] == "| loss | Dice | note |" and lines[1] == "| --- | --- | --- |"
+    assert lines[2] == f"| BCE | {ci_cell([0.7, 0.8, 0.75], 2)} | text |"
+    assert lines[3].startswith("| Dice | 0.43 ± ")
+    with pytest.raises(ValueError, match="columns"):
+        markdown_table({"a": {"x": 1.0}, "b": {"y": 2.0}})
 
 
 def test_pearson_ci_matches_scipy_fisher_interval():
