@@ -1,6 +1,28 @@
-"""Helpers for the chapters' prose: glued values that read well."""
+"""Helpers for the chapters' prose: glued values that read well, and sentences generated from the data.
+
+A number moves with the seed; a sentence written for one seed does not. So every comparative or
+qualitative statement about a measurement is either asserted in the chapter, or generated here from the
+measurement itself:
+
+- :func:`difference_phrase`: a paired interval as "higher by X (95% interval a to b)", "lower by ...",
+  or "no difference the interval can resolve (a to b)";
+- :func:`percent`: a share as a percentage whose rounding never changes what it says (99.7% is not
+  "100%", 0.3% is not "0%");
+- :func:`count_phrase`: "none of 5 seeds", "1 of 5 seeds", "all 5 seeds";
+- :func:`verdict`: a claims-audit verdict on the book's fixed scale (:data:`VERDICTS`).
+"""
 
 from __future__ import annotations
+
+import math
+
+# The claims audit's fixed verdict scale, each defined once (book/claims.md shows these definitions).
+VERDICTS = {
+    "holds": "the measurement supports the claim as stated, for every base seed (asserted)",
+    "holds in part": "true under some conditions or in a weaker form, which the row states",
+    "does not hold": "the measurement contradicts the claim",
+    "not testable here": "nothing this book can measure decides it; the row says why",
+}
 
 
 class _PlainText:
@@ -35,5 +57,60 @@ def join_words(items) -> str:
 
 
 def percent(fraction: float, digits: int = 0) -> str:
-    """``0.2`` -> ``"20%"``: a fraction as a percentage, for labels and glued phrases."""
-    return f"{100 * float(fraction):.{digits}f}" + "%"
+    """``0.2`` -> ``"20%"``: a fraction as a percentage with ``digits`` decimals, and more where
+    rounding would change what the number says: a share that is not exactly 0 or 1 never reads "0%" or
+    "100%" (``percent(0.997)`` is ``"99.7%"``, ``percent(0.003)`` is ``"0.3%"``)."""
+    value = 100 * float(fraction)
+    if not math.isfinite(value):
+        raise ValueError(f"fraction must be finite, got {fraction!r}")
+    text = f"{value:.{digits}f}"
+    while digits < 6 and value not in (0.0, 100.0) and float(text) in (0.0, 100.0, -0.0):
+        digits += 1
+        text = f"{value:.{digits}f}"
+    return text + "%"
+
+
+def _number(value: float, digits: int, scale: float) -> str:
+    return f"{scale * value:.{digits}f}"
+
+
+def difference_phrase(diff, *, digits: int = 3, scale: float = 1.0, unit: str = "", higher: str = "higher",
+                      lower: str = "lower") -> str:
+    """A paired difference A - B (a :class:`minigpt.experiments.MeanCI`) as words that the interval
+    supports, whatever the seed:
+
+    - interval above zero: ``"higher by 0.042 (95% interval 0.010 to 0.074)"``;
+    - below zero: ``"lower by 0.042 (95% interval -0.074 to -0.010)"``;
+    - containing zero: ``"no difference the interval can resolve (95% interval -0.010 to 0.030)"``.
+
+    ``scale`` multiplies every number (100 for percentage points), ``unit`` follows the magnitude
+    (" points", " nats"), ``higher``/``lower`` name the direction ("better", "worse").
+    """
+    for name in ("mean", "low", "high", "confidence"):
+        if not hasattr(diff, name):
+            raise TypeError(f"diff must be a MeanCI (mean, low, high), got {type(diff).__name__}")
+    interval = (f"{diff.confidence:.0%} interval {_number(diff.low, digits, scale)} to "
+                f"{_number(diff.high, digits, scale)}{unit}")
+    if diff.low > 0:
+        return f"{higher} by {_number(diff.mean, digits, scale)}{unit} ({interval})"
+    if diff.high < 0:
+        return f"{lower} by {_number(-diff.mean, digits, scale)}{unit} ({interval})"
+    return f"no difference the interval can resolve ({interval})"
+
+
+def count_phrase(k: int, n: int, noun: str = "seeds") -> str:
+    """``"none of the 5 seeds"``, ``"1 of the 5 seeds"``, ``"all 5 seeds"``."""
+    if not 0 <= k <= n:
+        raise ValueError(f"need 0 <= k <= n, got k={k}, n={n}")
+    if k == 0:
+        return f"none of the {n} {noun}"
+    if k == n:
+        return f"all {n} {noun}" if n > 1 else f"the one {noun.rstrip('s')}"
+    return f"{k} of the {n} {noun}"
+
+
+def verdict(scale_word: str, reason: str) -> str:
+    """A claims-audit verdict: one of :data:`VERDICTS`, then what the measurement says."""
+    if scale_word not in VERDICTS:
+        raise ValueError(f"scale_word must be one of {list(VERDICTS)}, got {scale_word!r}")
+    return f"{scale_word}: {reason}" if reason else scale_word

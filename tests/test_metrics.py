@@ -139,3 +139,20 @@ def test_pearson_ci_matches_scipy_fisher_interval():
     assert r == pytest.approx(ref.statistic) and low == pytest.approx(ci.low) and high == pytest.approx(ci.high)
     with pytest.raises(ValueError, match="at least 4"):
         pearson_ci([1, 2, 3], [1, 2, 3])
+
+
+def test_report_phrases_follow_the_interval():
+    from minigpt.experiments import MeanCI
+    from minigpt.report import count_phrase, difference_phrase, percent, verdict
+
+    assert difference_phrase(MeanCI(0.042, 0.010, 0.074, 5)) == "higher by 0.042 (95% interval 0.010 to 0.074)"
+    assert difference_phrase(MeanCI(-0.042, -0.074, -0.010, 5), lower="better").startswith("better by 0.042")
+    assert difference_phrase(MeanCI(0.01, -0.01, 0.03, 5), digits=2, scale=100, unit=" points") == (
+        "no difference the interval can resolve (95% interval -1.00 to 3.00 points)")
+    assert percent(0.997) == "99.7%" and percent(0.003) == "0.3%" and percent(1.0) == "100%"
+    assert percent(0.0) == "0%" and percent(0.9996, 1) == "99.96%" and percent(0.5) == "50%"
+    assert count_phrase(0, 5) == "none of the 5 seeds" and count_phrase(5, 5) == "all 5 seeds"
+    assert count_phrase(2, 5, "runs") == "2 of the 5 runs"
+    assert verdict("holds in part", "only at high T") == "holds in part: only at high T"
+    with pytest.raises(ValueError, match="scale_word"):
+        verdict("mostly", "")
