@@ -9,7 +9,8 @@ measurement itself:
 - :func:`percent`: a share as a percentage whose rounding never changes what it says (99.7% is not
   "100%", 0.3% is not "0%");
 - :func:`count_phrase`: "none of 5 seeds", "1 of 5 seeds", "all 5 seeds";
-- :func:`verdict`: a claims-audit verdict on the book's fixed scale (:data:`VERDICTS`).
+- :func:`verdict`: a claims-audit verdict on the book's fixed scale (:data:`VERDICTS`);
+- :func:`run_facts`: the line each chapter shows about the execution behind its numbers.
 """
 
 from __future__ import annotations
@@ -114,3 +115,27 @@ def verdict(scale_word: str, reason: str) -> str:
     if scale_word not in VERDICTS:
         raise ValueError(f"scale_word must be one of {list(VERDICTS)}, got {scale_word!r}")
     return f"{scale_word}: {reason}" if reason else scale_word
+
+
+def seeds_text(seeds) -> str:
+    """``[0, 1, 2]`` -> ``"0, 1 and 2"``; a run of more than four consecutive seeds -> ``"0 to 29 (30)"``."""
+    seeds = list(seeds)
+    if len(seeds) > 4 and seeds == list(range(seeds[0], seeds[0] + len(seeds))):
+        return f"{seeds[0]} to {seeds[-1]} ({len(seeds)})"
+    return join_words(seeds)
+
+
+def run_facts(scale: str, seeds, device, started: float) -> str:
+    """What a chapter's numbers come from: scale, base seeds, torch version, device and threads, and the
+    minutes its code took, counted from ``started`` (a ``time.perf_counter()`` taken in the first cell).
+    Glue it from the last cell, so the time covers the whole page."""
+    import time
+
+    import torch
+
+    from .config import base_seed
+
+    minutes = (time.perf_counter() - started) / 60
+    return (f"Numbers on this page: scale {scale}, base seed {base_seed()} (seeds {seeds_text(seeds)}), "
+            f"torch {torch.__version__} on {device} with {torch.get_num_threads()} "
+            f"thread{'s' if torch.get_num_threads() != 1 else ''}; the page's code ran in {minutes:.1f} minutes.")

@@ -156,3 +156,14 @@ def test_report_phrases_follow_the_interval():
     assert verdict("holds in part", "only at high T") == "holds in part: only at high T"
     with pytest.raises(ValueError, match="scale_word"):
         verdict("mostly", "")
+
+
+def test_run_facts_and_seeds_text(monkeypatch):
+    import time
+
+    from minigpt.report import run_facts, seeds_text
+
+    monkeypatch.setenv("MINIGPT_SEED", "7")
+    assert seeds_text([7, 8, 9]) == "7, 8 and 9" and seeds_text(range(7, 37)) == "7 to 36 (30)"
+    text = run_facts("small", [7, 8, 9], "cpu", time.perf_counter() - 90)
+    assert "scale small" in text and "base seed 7" in text and torch.__version__ in text and "1.5 minutes" in text
