@@ -10,7 +10,8 @@ measurement itself:
   "100%", 0.3% is not "0%");
 - :func:`count_phrase`: "none of 5 seeds", "1 of 5 seeds", "all 5 seeds";
 - :func:`verdict`: a claims-audit verdict on the book's fixed scale (:data:`VERDICTS`);
-- :func:`run_facts`: the line each chapter shows about the execution behind its numbers.
+- :func:`run_facts`: the line each chapter shows about the execution behind its numbers; :func:`tally`:
+  a chapter's verdicts counted for the claims audit.
 """
 
 from __future__ import annotations
@@ -139,3 +140,17 @@ def run_facts(scale: str, seeds, device, started: float) -> str:
     return (f"Numbers on this page: scale {scale}, base seed {base_seed()} (seeds {seeds_text(seeds)}), "
             f"torch {torch.__version__} on {device} with {torch.get_num_threads()} "
             f"thread{'s' if torch.get_num_threads() != 1 else ''}; the page's code ran in {minutes:.1f} minutes.")
+
+
+def tally(verdicts) -> str:
+    """Count verdicts by their scale word: ``["holds: ...", "holds", "does not hold: ..."]`` ->
+    ``"2 hold, 1 does not hold"`` (in the scale's order; scale words with no verdict are left out)."""
+    counts = dict.fromkeys(VERDICTS, 0)
+    for text in verdicts:
+        word = next((w for w in sorted(VERDICTS, key=len, reverse=True) if str(text).startswith(w)), None)
+        if word is None:
+            raise ValueError(f"verdict {text!r} does not start with one of {list(VERDICTS)}")
+        counts[word] += 1
+    plural = {"holds": "hold", "holds in part": "hold in part"}
+    parts = [f"{n} {plural.get(w, w) if n != 1 else w}" for w, n in counts.items() if n]
+    return ", ".join(parts) if parts else "no verdicts"

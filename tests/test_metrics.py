@@ -167,3 +167,13 @@ def test_run_facts_and_seeds_text(monkeypatch):
     assert seeds_text([7, 8, 9]) == "7, 8 and 9" and seeds_text(range(7, 37)) == "7 to 36 (30)"
     text = run_facts("small", [7, 8, 9], "cpu", time.perf_counter() - 90)
     assert "scale small" in text and "base seed 7" in text and torch.__version__ in text and "1.5 minutes" in text
+
+
+def test_tally_counts_verdicts_on_the_fixed_scale():
+    from minigpt.report import tally
+
+    assert tally(["holds: a", "holds", "does not hold: b", "holds in part: c"]) == (
+        "2 hold, 1 holds in part, 1 does not hold")
+    assert tally(["not testable here: no data"]) == "1 not testable here"
+    with pytest.raises(ValueError, match="does not start"):
+        tally(["mostly true"])
