@@ -11,7 +11,7 @@ measurement itself:
 - :func:`count_phrase`: "none of 5 seeds", "1 of 5 seeds", "all 5 seeds";
 - :func:`verdict`: a claims-audit verdict on the book's fixed scale (:data:`VERDICTS`);
 - :func:`run_facts`: the line each chapter shows about the execution behind its numbers; :func:`tally`:
-  a chapter's verdicts counted for the claims audit.
+  a chapter's verdicts counted for the claims audit; :func:`interval_text`: "+0.012 [-0.003, +0.027]".
 """
 
 from __future__ import annotations
@@ -154,3 +154,17 @@ def tally(verdicts) -> str:
     plural = {"holds": "hold", "holds in part": "hold in part"}
     parts = [f"{n} {plural.get(w, w) if n != 1 else w}" for w, n in counts.items() if n]
     return ", ".join(parts) if parts else "no verdicts"
+
+
+def interval_text(values, digits: int = 3, *, scale: float = 1.0, mean: bool = True) -> str:
+    """A signed mean with its interval for prose: ``"+0.012 [-0.003, +0.027]"``; with ``mean=False``
+    the interval alone: ``"-0.003 to +0.027"``. ``values``: per-seed values, a ``MeanCI``, or a
+    ``PairedComparison`` (its difference is used); ``scale`` multiplies every number."""
+    from .experiments import MeanCI, mean_ci
+
+    ci = getattr(values, "difference", values)
+    ci = ci if isinstance(ci, MeanCI) else mean_ci(ci)
+    low, high = scale * ci.low, scale * ci.high
+    if not mean:
+        return f"{low:+.{digits}f} to {high:+.{digits}f}"
+    return f"{scale * ci.mean:+.{digits}f} [{low:+.{digits}f}, {high:+.{digits}f}]"

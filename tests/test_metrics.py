@@ -177,3 +177,14 @@ def test_tally_counts_verdicts_on_the_fixed_scale():
     assert tally(["not testable here: no data"]) == "1 not testable here"
     with pytest.raises(ValueError, match="does not start"):
         tally(["mostly true"])
+
+
+def test_interval_text():
+    from minigpt.experiments import MeanCI, paired_comparison
+    from minigpt.report import interval_text
+
+    ci = MeanCI(0.012, -0.003, 0.027, 5)
+    assert interval_text(ci) == "+0.012 [-0.003, +0.027]"
+    assert interval_text(ci, 1, scale=100, mean=False) == "-0.3 to +2.7"
+    pc = paired_comparison([1.0, 2.0, 3.0], [0.5, 1.5, 2.0])
+    assert interval_text(pc) == interval_text(pc.difference)
