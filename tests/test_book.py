@@ -8,7 +8,9 @@ import re
 import shutil
 import subprocess
 import sys
+from html.parser import HTMLParser
 from pathlib import Path
+from urllib.parse import unquote, urljoin
 
 import pytest
 
@@ -65,6 +67,44 @@ def test_no_cdn_left(built_book):
     offenders = [str(p.relative_to(HTML)) for p in HTML.rglob("*.html") if cdn.search(p.read_text(errors="replace"))]
     assert offenders == []
     assert (HTML / "_static" / "mathjax" / "tex-chtml.js").exists()
+
+
+def page_links(page_name: str) -> list[Path]:
+    """Files under the built site that a page's links point to (local links only, anchors dropped)."""
+
+    hrefs: list[str] = []
+
+    class Links(HTMLParser):
+        def handle_starttag(self, tag, attrs):
+            href = dict(attrs).get("href")
+            if tag == "a" and href and "://" not in href and not href.startswith(("#", "mailto:", "javascript:")):
+                hrefs.append(href)
+
+    Links().feed((HTML / f"{page_name}.html").read_text(encoding="utf-8"))
+    return [HTML / unquote(urljoin(f"{page_name}.html", href).split("#")[0]) for href in hrefs]
+
+
+@pytest.mark.parametrize("chapter", chapter_pages())
+def test_chapter_offers_ipynb_and_source(built_book, chapter):
+    """The download menu has the chapter as a notebook (book/_ext/notebook_download.py) and its .md source."""
+    import jupytext
+    import nbformat
+
+    links = page_links(chapter)
+    ipynb = HTML / "_sources" / f"{chapter}.ipynb"
+    source = HTML / "_sources" / f"{chapter}.md"
+    assert ipynb in links, f"{chapter}.html has no link to {ipynb.relative_to(HTML)}"
+    assert source in links, f"{chapter}.html has no source link to {source.relative_to(HTML)}"
+    assert source.read_text(encoding="utf-8") == (ROOT / f"{chapter}.md").read_text(encoding="utf-8")
+
+    nb = nbformat.read(ipynb, as_version=4)
+    nbformat.validate(nb)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    expected = [c.source.strip() for c in jupytext.read(ROOT / f"{chapter}.md").cells if c.cell_type == "code"]
+    assert [c.source.strip() for c in code] == expected, "the .ipynb's code cells are not the chapter's"
+    # the build executed the chapter, so the download is the executed notebook, outputs included
+    assert any(c.outputs for c in code), f"{ipynb.relative_to(HTML)} has no outputs"
+    assert nb.metadata.get("kernelspec", {}).get("name") == "python3"
 
 
 @pytest.fixture(scope="session")
