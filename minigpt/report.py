@@ -151,7 +151,7 @@ def tally(verdicts) -> str:
         if word is None:
             raise ValueError(f"verdict {text!r} does not start with one of {list(VERDICTS)}")
         counts[word] += 1
-    plural = {"holds": "hold", "holds in part": "hold in part"}
+    plural = {"holds": "hold", "holds in part": "hold in part", "does not hold": "do not hold"}
     parts = [f"{n} {plural.get(w, w) if n != 1 else w}" for w, n in counts.items() if n]
     return ", ".join(parts) if parts else "no verdicts"
 

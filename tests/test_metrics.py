@@ -175,6 +175,7 @@ def test_tally_counts_verdicts_on_the_fixed_scale():
     assert tally(["holds: a", "holds", "does not hold: b", "holds in part: c"]) == (
         "2 hold, 1 holds in part, 1 does not hold")
     assert tally(["not testable here: no data"]) == "1 not testable here"
+    assert tally(["does not hold: a", "does not hold"]) == "2 do not hold"
     with pytest.raises(ValueError, match="does not start"):
         tally(["mostly true"])
 
