@@ -174,3 +174,34 @@ def test_chapter_shows_its_glued_numbers(built_book, browser, chapter):
         page.close()
     assert n_glued > 0, f"{chapter} glues no measured number into its prose"
     assert len(pasted) >= n_glued and all(pasted), f"{chapter}: {n_glued} glue roles, rendered {pasted}"
+
+
+@pytest.mark.parametrize("chapter", chapter_pages())
+def test_chapter_reads_like_a_book(built_book, browser, chapter):
+    """Every figure is a numbered figure with a caption and alt text; no output shows raw Markdown table
+    text or the repr of an internal object; code cells that only glue or assert are hidden (their
+    count is not checked here, but a visible cell printing nothing is fine)."""
+    page, _ = open_offline(browser, chapter)
+    try:
+        figures = page.evaluate(
+            "Array.from(document.querySelectorAll('main img')).map(img => {"
+            "  const fig = img.closest('figure');"
+            "  const cap = fig ? fig.querySelector('figcaption') : null;"
+            "  return {src: img.src.split('/').pop(), alt: img.getAttribute('alt') || '',"
+            "          caption: cap ? cap.innerText.trim() : '',"
+            "          number: cap ? (cap.querySelector('.caption-number') || {innerText: ''}).innerText : ''};"
+            "})")
+        outputs = page.evaluate(
+            "Array.from(document.querySelectorAll('.cell_output, .output')).map(e => e.innerText)")
+    finally:
+        page.close()
+    assert figures, f"{chapter} has no figure"
+    for fig in figures:
+        assert fig["caption"], f"{chapter}: figure {fig['src']} has no caption"
+        assert fig["number"].startswith("Fig"), f"{chapter}: figure {fig['src']} is not numbered"
+        assert len(fig["alt"]) > 10 and not re.fullmatch(r"[0-9a-f]{16,}", fig["alt"]), (
+            f"{chapter}: figure {fig['src']} has no real alt text: {fig['alt']!r}")
+    text = "\n".join(outputs)
+    assert "| --- |" not in text and "|---|" not in text, f"{chapter}: an output shows raw table text"
+    for repr_start in ("MeanCI(", "PairedComparison(", "ResponseEval(", "TrainResult(", "History("):
+        assert repr_start not in text, f"{chapter}: an output prints the repr {repr_start}...)"
