@@ -32,3 +32,28 @@ def test_chapters_define_no_model_and_no_training_loop(path):
         # a backward pass to look at a gradient is fine; stepping an optimizer is training
         assert ".step()" not in src and ".zero_grad(" not in src, (
             f"{path.name} cell {i} runs its own training loop; train through minigpt.train")
+
+
+BOOKKEEPING = ("glue(", "glue_text(", "assert ", "print(")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_bookkeeping_cells_are_hidden(path):
+    """A cell whose every statement glues, asserts or prints is bookkeeping: the page hides its input."""
+    notebook = jupytext.read(path)
+    visible = []
+    for i, cell in enumerate(notebook.cells):
+        if cell.cell_type != "code" or "remove-input" in cell.metadata.get("tags", []) \
+                or "remove-cell" in cell.metadata.get("tags", []):
+            continue
+        statements = [line for line in cell.source.splitlines()
+                      if line.strip() and not line.startswith((" ", "\t", "#", ")", "]", "}"))]
+        if statements and all(line.startswith(BOOKKEEPING) for line in statements):
+            visible.append(i)
+    assert not visible, f"{path.name}: cells {visible} only glue, assert or print but show their input"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_no_visible_print_of_internal_objects(path):
+    for i, src in code_cells(path):
+        assert "print(" not in src, f"{path.name} cell {i} prints; glue the result into the prose instead"
