@@ -73,7 +73,13 @@ def percent(fraction: float, digits: int = 0) -> str:
 
 
 def _number(value: float, digits: int, scale: float) -> str:
-    return f"{scale * value:.{digits}f}"
+    """``scale * value`` with ``digits`` decimals, or more where that would show a nonzero value as 0."""
+    value = scale * value
+    text = f"{value:.{digits}f}"
+    while value != 0 and float(text) == 0 and digits < 12:
+        digits += 1
+        text = f"{value:.{digits}f}"
+    return text
 
 
 def difference_phrase(diff, *, digits: int = 3, scale: float = 1.0, unit: str = "", higher: str = "higher",
@@ -82,22 +88,27 @@ def difference_phrase(diff, *, digits: int = 3, scale: float = 1.0, unit: str = 
     supports, whatever the seed:
 
     - interval above zero: ``"higher by 0.042 (95% interval 0.010 to 0.074)"``;
-    - below zero: ``"lower by 0.042 (95% interval -0.074 to -0.010)"``;
-    - containing zero: ``"no difference the interval can resolve (95% interval -0.010 to 0.030)"``.
+    - below zero: ``"lower by 0.042 (95% interval 0.010 to 0.074)"``: the size of the difference and
+      its interval, both in the direction the words state;
+    - containing zero: ``"no difference the interval can resolve (95% interval -0.010 to 0.030)"``, the
+      signed interval of A - B.
 
-    ``scale`` multiplies every number (100 for percentage points), ``unit`` follows the magnitude
-    (" points", " nats"), ``higher``/``lower`` name the direction ("better", "worse").
+    An interval end that is not zero never prints as zero (more digits are shown). ``scale`` multiplies
+    every number (100 for percentage points), ``unit`` follows the magnitude (" points", " nats"),
+    ``higher``/``lower`` name the direction ("better", "worse").
     """
     for name in ("mean", "low", "high", "confidence"):
         if not hasattr(diff, name):
             raise TypeError(f"diff must be a MeanCI (mean, low, high), got {type(diff).__name__}")
-    interval = (f"{diff.confidence:.0%} interval {_number(diff.low, digits, scale)} to "
-                f"{_number(diff.high, digits, scale)}{unit}")
+    level = f"{diff.confidence:.0%} interval"
     if diff.low > 0:
-        return f"{higher} by {_number(diff.mean, digits, scale)}{unit} ({interval})"
+        return (f"{higher} by {_number(diff.mean, digits, scale)}{unit} ({level} "
+                f"{_number(diff.low, digits, scale)} to {_number(diff.high, digits, scale)}{unit})")
     if diff.high < 0:
-        return f"{lower} by {_number(-diff.mean, digits, scale)}{unit} ({interval})"
-    return f"no difference the interval can resolve ({interval})"
+        return (f"{lower} by {_number(-diff.mean, digits, scale)}{unit} ({level} "
+                f"{_number(-diff.high, digits, scale)} to {_number(-diff.low, digits, scale)}{unit})")
+    return (f"no difference the interval can resolve ({level} {_number(diff.low, digits, scale)} to "
+            f"{_number(diff.high, digits, scale)}{unit})")
 
 
 def count_phrase(k: int, n: int, noun: str = "seeds") -> str:

@@ -146,7 +146,10 @@ def test_report_phrases_follow_the_interval():
     from minigpt.report import count_phrase, difference_phrase, percent, verdict
 
     assert difference_phrase(MeanCI(0.042, 0.010, 0.074, 5)) == "higher by 0.042 (95% interval 0.010 to 0.074)"
-    assert difference_phrase(MeanCI(-0.042, -0.074, -0.010, 5), lower="better").startswith("better by 0.042")
+    assert difference_phrase(MeanCI(-0.042, -0.074, -0.010, 5), lower="better") == (
+        "better by 0.042 (95% interval 0.010 to 0.074)")  # magnitudes, in the direction the words state
+    assert difference_phrase(MeanCI(0.0015, 0.00004, 0.0029, 30), digits=4) == (
+        "higher by 0.0015 (95% interval 0.00004 to 0.0029)")  # a positive bound never reads 0.0000
     assert difference_phrase(MeanCI(0.01, -0.01, 0.03, 5), digits=2, scale=100, unit=" points") == (
         "no difference the interval can resolve (95% interval -1.00 to 3.00 points)")
     assert percent(0.997) == "99.7%" and percent(0.003) == "0.3%" and percent(1.0) == "100%"
