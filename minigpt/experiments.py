@@ -101,7 +101,8 @@ def markdown_table(rows, digits: int = 4, label: str = "method") -> str:
     - a list of :func:`summary_table` rows: columns mean, 95% interval and seeds; or
     - a mapping ``{row label: {column: cell}}``, every row with the same columns in the same order. A
       cell is a string (used as it is: see :func:`ci_cell`), a :class:`MeanCI` or a list of per-seed
-      values (both shown as "mean ± half-width" with ``digits`` decimals), or a number.
+      values (both shown as "mean ± half-width" with ``digits`` decimals), or a number (an int as it
+      is, a float with ``digits`` decimals).
 
     ``label`` heads the first column.
     """
@@ -118,6 +119,8 @@ def markdown_table(rows, digits: int = 4, label: str = "method") -> str:
                 return cell
             if isinstance(cell, (MeanCI, list, tuple)):
                 return ci_cell(cell, digits)
+            if isinstance(cell, int):  # counts stay whole numbers
+                return str(cell)
             return f"{float(cell):.{digits}f}"
 
         lines = ["| " + " | ".join([label, *columns]) + " |", "| " + " | ".join(["---"] * (len(columns) + 1)) + " |"]

@@ -148,7 +148,7 @@ def run_facts(scale: str, seeds, device, started: float) -> str:
     from .config import base_seed
 
     minutes = (time.perf_counter() - started) / 60
-    return (f"Numbers on this page: scale {scale}, base seed {base_seed()} (seeds {seeds_text(seeds)}), "
+    return (f"Numbers on this page: scale {scale}, base seed {base_seed()}, seeds {seeds_text(seeds)}; "
             f"torch {torch.__version__} on {device} with {torch.get_num_threads()} "
             f"thread{'s' if torch.get_num_threads() != 1 else ''}; the page's code ran in {minutes:.1f} minutes.")
 
@@ -177,5 +177,11 @@ def interval_text(values, digits: int = 3, *, scale: float = 1.0, mean: bool = T
     ci = ci if isinstance(ci, MeanCI) else mean_ci(ci)
     low, high = scale * ci.low, scale * ci.high
     if not mean:
-        return f"{low:+.{digits}f} to {high:+.{digits}f}"
-    return f"{scale * ci.mean:+.{digits}f} [{low:+.{digits}f}, {high:+.{digits}f}]"
+        return f"{signed(low, digits)} to {signed(high, digits)}"
+    return f"{signed(scale * ci.mean, digits)} [{signed(low, digits)}, {signed(high, digits)}]"
+
+
+def signed(value: float, digits: int = 2) -> str:
+    """``+0.11``, ``-0.004``: a signed number with ``digits`` decimals, or more where that would print a
+    nonzero value as ``+0.00`` or ``-0.00``."""
+    return ("+" if value >= 0 else "-") + _number(abs(value), digits, 1.0)

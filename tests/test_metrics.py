@@ -121,6 +121,7 @@ def test_ci_cells_and_dict_tables():
     assert lines[0] == "| loss | Dice | note |" and lines[1] == "| --- | --- | --- |"
     assert lines[2] == f"| BCE | {ci_cell([0.7, 0.8, 0.75], 2)} | text |"
     assert lines[3].startswith("| Dice | 0.43 ± ")
+    assert markdown_table({"a": {"n": 7, "x": 0.5}}, digits=2).splitlines()[2] == "| a | 7 | 0.50 |"
     with pytest.raises(ValueError, match="columns"):
         markdown_table({"a": {"x": 1.0}, "b": {"y": 2.0}})
 
@@ -192,3 +193,9 @@ def test_interval_text():
     assert interval_text(ci, 1, scale=100, mean=False) == "-0.3 to +2.7"
     pc = paired_comparison([1.0, 2.0, 3.0], [0.5, 1.5, 2.0])
     assert interval_text(pc) == interval_text(pc.difference)
+
+
+def test_signed_never_prints_a_signed_zero():
+    from minigpt.report import signed
+
+    assert signed(0.114) == "+0.11" and signed(-0.004) == "-0.004" and signed(0.0) == "+0.00"
