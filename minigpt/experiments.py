@@ -75,6 +75,28 @@ def paired_comparison(a, b, confidence: float = 0.95) -> PairedComparison:
     return PairedComparison(ci, p, sum(d < 0 for d in diffs), len(diffs))
 
 
+def best_and_tied(results: dict, *, higher_is_better: bool = False, tolerance: float = 1e-9):
+    """The method with the best mean over seeds, and the others that a paired comparison cannot put
+    measurably behind it (the 95% interval of their difference from the best reaches zero).
+
+    ``results`` maps a name to per-seed values, all on the same seeds. Differences within ``tolerance``
+    count as ties (two fits that agree to float noise). Returns ``(best, tied)``, ``tied`` in the order of
+    ``results`` and without ``best``.
+    """
+    if not results:
+        raise ValueError("results must not be empty")
+    sign = -1.0 if higher_is_better else 1.0
+    best = min(results, key=lambda k: sign * mean_ci(results[k]).mean)
+    tied = []
+    for name, values in results.items():
+        if name == best:
+            continue
+        diff = paired_comparison(values, results[best]).difference  # name - best
+        if (diff.high >= -tolerance) if higher_is_better else (diff.low <= tolerance):
+            tied.append(name)
+    return best, tied
+
+
 def summary_table(results: dict[str, list], confidence: float = 0.95) -> list[dict]:
     """One row per method: ``{"name", "mean", "low", "high", "n"}`` from its per-seed values."""
     rows = []

@@ -199,3 +199,15 @@ def test_signed_never_prints_a_signed_zero():
     from minigpt.report import signed
 
     assert signed(0.114) == "+0.11" and signed(-0.004) == "-0.004" and signed(0.0) == "+0.00"
+
+
+def test_best_and_tied():
+    from minigpt.experiments import best_and_tied
+
+    results = {"a": [1.0, 1.1, 0.9, 1.0], "b": [1.2, 1.0, 1.1, 0.9], "c": [3.0, 3.1, 2.9, 3.2]}
+    assert best_and_tied(results) == ("a", ["b"])  # b's interval reaches a's; c is measurably worse
+    assert best_and_tied(results, higher_is_better=True) == ("c", [])
+    same = {"x": [1.0, 2.0, 3.0], "y": [1.0, 2.0, 3.0 + 1e-12]}
+    assert best_and_tied(same)[1] == ["y"]  # float noise is a tie
+    with pytest.raises(ValueError, match="empty"):
+        best_and_tied({})
