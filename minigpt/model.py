@@ -38,6 +38,11 @@ class GPTConfig:
     n_embd: int = 128
     dropout: float = 0.0
     bias: bool = False  # biases in Linear and LayerNorm; without them it is a little faster and no worse
+    # Where each block's LayerNorm sits: "pre" (GPT-2, nanoGPT: x + f(LN(x)), the residual stream never
+    # normalised) or "post" (the original Transformer: LN(x + f(x))). Chapter 4 compares the two.
+    norm_position: str = "pre"
+    # GPT-2's residual-projection init, std 0.02 / sqrt(2 * n_layer); False: std 0.02 like every Linear
+    scale_residual_init: bool = True
 
     def __post_init__(self):
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
@@ -48,6 +53,8 @@ class GPTConfig:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must lie in [0, 1), got {self.dropout}")
+        if self.norm_position not in ("pre", "post"):
+            raise ValueError(f"norm_position must be 'pre' or 'post', got {self.norm_position!r}")
 
     @classmethod
     def for_scale(cls, scale: str, vocab_size: int = 65) -> "GPTConfig":
@@ -96,17 +103,24 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-LayerNorm block: normalise, transform, add back. The residual stream itself is never
-    normalised, so gradients reach early layers through the identity path."""
+    """Pre-LayerNorm block (the default): normalise, transform, add back. The residual stream itself is
+    never normalised, so gradients reach early layers through the identity path. With
+    ``norm_position="post"`` the block adds, then normalises (Vaswani et al. 2017): every path back to
+    the input passes through a LayerNorm, which Xiong et al. 2020 show makes gradients grow toward the
+    output."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
+        self.post_norm = config.norm_position == "post"
         self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.attn = CausalSelfAttention(config)
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.post_norm:
+            x = self.ln_1(x + self.attn(x))
+            return self.ln_2(x + self.mlp(x))
         x = x + self.attn(self.ln_1(x))
         x = x + self.mlp(self.ln_2(x))
         return x
@@ -141,8 +155,9 @@ class GPT(nn.Module):
         self.apply(self._init_weights)
         # GPT-2's scaled init: each block adds two projections into the residual stream, so the stream's
         # variance grows with depth; shrinking those projections by 1/sqrt(2 * n_layer) offsets it.
+        # (With post-LN the final LayerNorm ln_f is kept: on an already normalised stream it only adds a gain.)
         for name, param in self.named_parameters():
-            if name.endswith("c_proj.weight"):
+            if config.scale_residual_init and name.endswith("c_proj.weight"):
                 nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
     @staticmethod

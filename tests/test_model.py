@@ -144,3 +144,45 @@ def test_generate_stops_at_stop_token(model):
         hits = (row[2:] == stop).nonzero()
         if len(hits):
             assert (row[2 + hits[0, 0]:] == stop).all()
+
+
+def test_post_layernorm_block_normalises_its_output(tiny_config):
+    from dataclasses import replace
+
+    from minigpt.model import Block
+
+    torch.manual_seed(0)
+    post = Block(replace(tiny_config, norm_position="post"))
+    x = 5 * torch.randn(2, 4, tiny_config.n_embd)
+    out = post(x)
+    # LN(x + f(x)) with unit gain and no bias: every position has mean 0 and variance 1
+    torch.testing.assert_close(out.mean(-1), torch.zeros(2, 4), atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.var(-1, unbiased=False), torch.ones(2, 4), atol=1e-3, rtol=0)
+    torch.testing.assert_close(out, post.ln_2(post.ln_1(x + post.attn(x)) + post.mlp(post.ln_1(x + post.attn(x)))))
+    # the default stays pre-LN: the residual stream is not normalised
+    torch.manual_seed(0)
+    pre = Block(tiny_config)
+    torch.testing.assert_close(pre(x), x + pre.attn(pre.ln_1(x)) + pre.mlp(pre.ln_2(x + pre.attn(pre.ln_1(x)))))
+    with pytest.raises(ValueError, match="norm_position"):
+        GPTConfig(norm_position="middle")
+
+
+def test_residual_projection_scaling_switch(tiny_config):
+    from dataclasses import replace
+
+    config = replace(tiny_config, n_layer=8)
+    torch.manual_seed(0)
+    scaled = GPT(config)
+    torch.manual_seed(0)
+    plain = GPT(replace(config, scale_residual_init=False))
+    proj = lambda m: torch.cat([p.flatten() for n, p in m.named_parameters() if n.endswith("c_proj.weight")])
+    other = lambda m: torch.cat([p.flatten() for n, p in m.named_parameters() if n.endswith("c_attn.weight")])
+    assert proj(scaled).std().item() == pytest.approx(0.02 / math.sqrt(16), rel=0.05)
+    assert proj(plain).std().item() == pytest.approx(0.02, rel=0.05)
+    torch.testing.assert_close(other(scaled), other(plain))  # only the residual projections change
+    # post-LN models train like any other: a loss and a gradient everywhere
+    post = GPT(replace(config, norm_position="post"))
+    idx = torch.randint(65, (2, 8))
+    _, loss = post(idx, idx)
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in post.parameters())
