@@ -189,6 +189,43 @@ class GradNorm(nn.Module):
         return (self.w.detach() * L).sum()
 
 
+class RandomLossWeighting:
+    """Random loss weighting, RLW (Lin et al. 2021): weights ``softmax(z)`` with ``z ~ N(0, I)`` drawn
+    afresh at every call, so they sum to 1 and every task is, on average, weighted equally.
+
+    Lin et al. show that this costs nothing per step beyond drawing K numbers and matches many learned
+    schemes; it is the baseline a weighting method should beat.
+
+    Args:
+        n_tasks: K >= 1.
+        generator: a CPU generator for the draws (reproducible runs); the global one if None.
+    """
+
+    def __init__(self, n_tasks: int, generator: torch.Generator | None = None):
+        if not isinstance(n_tasks, int) or n_tasks < 1:
+            raise ValueError(f"n_tasks must be a positive int, got {n_tasks!r}")
+        if generator is not None and generator.device.type != "cpu":
+            raise ValueError(f"generator must be a CPU generator, got one on {generator.device}")
+        self.n_tasks, self.generator = n_tasks, generator
+        self._w: torch.Tensor | None = None
+
+    def weights(self) -> torch.Tensor:
+        """(K,) float32 weights of the last call, summing to 1, on the device of its losses."""
+        if self._w is None:
+            raise ValueError("no weights drawn yet: call the weighting with the task losses first")
+        return self._w.clone()
+
+    def __call__(self, losses) -> torch.Tensor:
+        """K scalar losses -> 0-d total ``sum_i softmax(z)_i L_i`` with new weights, in the losses' dtype and
+        on their device (the draw is on the CPU, then copied: K numbers, no read-back)."""
+        L = _stack(losses)
+        if len(L) != self.n_tasks:
+            raise ValueError(f"losses must hold {self.n_tasks} task losses, got {len(L)}")
+        z = torch.randn(self.n_tasks, generator=self.generator)
+        self._w = torch.softmax(z, dim=0).to(L.device)
+        return (self._w.to(L.dtype) * L).sum()
+
+
 def gradient_cosine(g1: torch.Tensor, g2: torch.Tensor) -> float:
     """Cosine between two task gradients of D elements each (any shape, flattened): negative means the
     tasks pull apart."""
@@ -331,5 +368,5 @@ def gradient_balance_weights(grad_norms) -> torch.Tensor:
 
 __all__ = [
     "DifficultyAdaptiveWeights", "DynamicWeightAverage", "FixedWeights", "GradNorm", "InverseStdWeights",
-    "PerformanceBasedWeights", "UncertaintyWeighting", "gradient_balance_weights", "gradient_cosine", "pcgrad",
+    "PerformanceBasedWeights", "RandomLossWeighting", "UncertaintyWeighting", "gradient_balance_weights", "gradient_cosine", "pcgrad",
 ]

@@ -107,3 +107,23 @@ def test_seed_schemes_by_hand():
     torch.testing.assert_close(inv.weights(), want / want.sum())
 
     torch.testing.assert_close(mt.gradient_balance_weights([1.0, 3.0]), torch.tensor([1.5, 0.5]))
+
+
+def test_random_loss_weighting():
+    rlw = mt.RandomLossWeighting(3, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="no weights drawn"):
+        rlw.weights()
+    L = torch.tensor([1.0, 2.0, 4.0])
+    total = rlw(L)
+    w = rlw.weights()
+    z = torch.randn(3, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(w, torch.softmax(z, 0))  # softmax of a standard normal draw
+    assert total.item() == pytest.approx((w * L).sum().item()) and w.sum().item() == pytest.approx(1.0)
+    rlw(L)
+    assert not torch.equal(rlw.weights(), w)  # redrawn every call
+    draws = torch.stack([(rlw(L), rlw.weights())[1] for _ in range(4000)])
+    torch.testing.assert_close(draws.mean(0), torch.full((3,), 1 / 3), atol=0.01, rtol=0)  # equal on average
+    with pytest.raises(ValueError, match="losses must hold 3"):
+        rlw([torch.tensor(1.0)])
+    with pytest.raises(ValueError, match="n_tasks"):
+        mt.RandomLossWeighting(0)
