@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .losses import IGNORE_INDEX, REDUCTIONS
+from .losses import IGNORE_INDEX, REDUCTIONS, cross_entropy, linear_cross_entropy
 
 # A token-level loss with torch.nn.functional's calling convention:
 #     loss_fn(input (N, V) logits, target (N,) int64, reduction="mean"|"sum"|"none") -> tensor
@@ -38,6 +38,10 @@ class GPTConfig:
     n_embd: int = 128
     dropout: float = 0.0
     bias: bool = False  # biases in Linear and LayerNorm; without them it is a little faster and no worse
+    # Train through losses.linear_cross_entropy: the loss comes from the last hidden states and the
+    # output matrix chunk by chunk, and the (B, T, V) logits never exist. Worth it for large vocabularies;
+    # for 65 characters the logits are smaller than the hidden states, so it is off by default.
+    linear_cross_entropy: bool = False
     # Where each block's LayerNorm sits: "pre" (GPT-2, nanoGPT: x + f(LN(x)), the residual stream never
     # normalised) or "post" (the original Transformer: LN(x + f(x))). Chapter 4 compares the two.
     norm_position: str = "pre"
@@ -223,6 +227,7 @@ class GPT(nn.Module):
                 of shape (B, T), zero at ignored positions.
         Returns:
             logits (B, T, V) and the loss (a scalar, or (B, T) for ``reduction="none"``), or None.
+            With ``config.linear_cross_entropy`` and targets, the logits are never formed: (None, loss).
         """
         self._check_ids("idx", idx, allow_ignore=False)
         if targets is not None:
@@ -239,10 +244,17 @@ class GPT(nn.Module):
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         for block in self.transformer.h:
             x = block(x)
-        logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, V)
+        x = self.transformer.ln_f(x)
+        fn = loss_fn if loss_fn is not None else self.loss_fn
+        if targets is not None and self.config.linear_cross_entropy:
+            if fn not in (F.cross_entropy, cross_entropy):
+                raise ValueError("GPTConfig.linear_cross_entropy computes cross-entropy from the hidden states; "
+                                 f"loss_fn must be F.cross_entropy or minigpt.losses.cross_entropy, got {fn!r}")
+            loss = linear_cross_entropy(x, self.lm_head.weight, targets, reduction=reduction)
+            return None, loss
+        logits = self.lm_head(x)  # (B, T, V)
         if targets is None:
             return logits, None
-        fn = loss_fn if loss_fn is not None else self.loss_fn
         loss = fn(logits.reshape(B * T, -1), targets.reshape(B * T), reduction=reduction)
         if reduction == "none":
             loss = loss.view(B, T)

@@ -12,6 +12,8 @@ Modules by family; everything is importable from here:
 - ``token``: cross-entropy (every ``F.cross_entropy`` shape, class indices or probabilities, class weights,
   ignore_index, both label-smoothing conventions) and softmax focal loss as lean autograd functions, plus
   the naive focal loss for comparison.
+- ``fused``: cross-entropy of a linear layer's output (``linear_cross_entropy``), computed chunk by chunk
+  from the hidden states and the output matrix without ever forming the (N, V) logits.
 - ``vae``: Gaussian KL, free bits, linear and cyclical beta schedules, active units.
 - ``common``: the constants (``IGNORE_INDEX``, ``REDUCTIONS``) and the argument checks the others share.
 
@@ -35,11 +37,12 @@ from .sequence import (
     weighted_token_mean,
 )
 from .token import cross_entropy, naive_softmax_focal_loss, softmax_focal_loss
+from .fused import linear_cross_entropy
 from .vae import FreeBitsKL, active_units, cyclical_beta, free_bits_kl, gaussian_kl, linear_beta
 
 __all__ = [
     "IGNORE_INDEX", "REDUCTIONS", "SEQUENCE_REDUCTIONS",
-    "cross_entropy", "naive_softmax_focal_loss", "softmax_focal_loss",
+    "cross_entropy", "naive_softmax_focal_loss", "softmax_focal_loss", "linear_cross_entropy",
     "FreeBitsKL", "active_units", "cyclical_beta", "free_bits_kl", "gaussian_kl", "linear_beta",
     "bce_with_logits", "dice_loss", "distillation_loss", "exponential_loss", "hinge_loss", "info_nce_loss",
     "kl_div", "multi_margin_loss", "neighbour_info_nce_loss", "neighbour_positive_mask", "sigmoid_focal_loss",

@@ -13,6 +13,12 @@ IGNORE_INDEX = -100  # the label of a position that takes no loss, as in torch.n
 REDUCTIONS = ("mean", "sum", "none")  # torch.nn.functional's reductions of an elementwise loss
 
 
+def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype in which row statistics (maximum, log-sum-exp) of ``dtype`` logits are accumulated:
+    float32 for float16 and bfloat16, as torch's own softmax kernels do; the dtype itself otherwise."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
 def check_reduction(reduction: str, allowed: tuple[str, ...] = REDUCTIONS) -> None:
     """``reduction`` must be one of ``allowed``."""
     if reduction not in allowed:

@@ -19,14 +19,9 @@ from __future__ import annotations
 
 import torch
 
-from .common import IGNORE_INDEX, check_reduction, check_tensor
+from .common import IGNORE_INDEX, accumulate_dtype, check_reduction, check_tensor
 
 _CHUNK_ROWS = 1024
-
-
-def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
-    # row statistics of half-precision logits in float32, as torch's own softmax kernels do
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def _chunks(n: int):
@@ -100,7 +95,7 @@ def _row_stats(x: torch.Tensor, smooth_weight: torch.Tensor | None = None, smoot
     """Per row of (N, C) ``x``: the maximum ``m`` (0 where it is infinite, as ``torch.logsumexp`` does),
     ``lse_rel = log sum_c exp(x_c - m)``, and with ``smoothing`` ``s = sum_c w_c (m - x_c)`` (w = 1 if
     None). In the accumulation dtype, chunk by chunk."""
-    acc = _accumulate_dtype(x.dtype)
+    acc = accumulate_dtype(x.dtype)
     N = x.shape[0]
     m = torch.empty(N, dtype=acc, device=x.device)
     lse_rel = torch.empty_like(m)
@@ -122,7 +117,7 @@ def _softmax_gradient(x, m, lse_rel, a, rest, drop=None) -> torch.Tensor:
     """``a_i * softmax(x_i)`` plus the terms ``rest(block, rows)`` adds in place, row chunk by row chunk,
     in one buffer of x's shape and dtype. Rows in ``drop`` get 0 (an ignored row may hold -inf logits,
     whose softmax is NaN)."""
-    acc = _accumulate_dtype(x.dtype)
+    acc = accumulate_dtype(x.dtype)
     grad = torch.empty_like(x)
     # softmax = exp(x - m) * exp(-lse_rel): one pass fewer than subtracting lse_rel, as exact (lse_rel is
     # in [0, log C], so exp(-lse_rel) is a per-row number with a rounding error of one ulp)
@@ -149,7 +144,7 @@ class _CrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, y_safe, kept, w, eps, row_scale):
         K = x.shape[1]
-        acc = _accumulate_dtype(x.dtype)
+        acc = accumulate_dtype(x.dtype)
         m, lse_rel, s = _row_stats(x, w, smoothing=eps > 0)
         x_y = x.gather(1, y_safe[:, None])[:, 0].to(acc)
         w_y = torch.ones_like(m) if w is None else w[y_safe].to(acc)
@@ -193,7 +188,7 @@ class _SoftCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, t, w, eps, row_scale):
         K = x.shape[1]
-        acc = _accumulate_dtype(x.dtype)
+        acc = accumulate_dtype(x.dtype)
         m, lse_rel, _ = _row_stats(x)
         loss = torch.empty_like(m)
         total_weight = torch.empty_like(m)  # sum_c w_c t'_c per row
@@ -281,7 +276,7 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, *, weight: torch.Te
         label_smoothing = label_smoothing * C / (C - 1) if label_smoothing > 0 else 0.0
     elif smoothing_convention != "uniform":
         raise ValueError(f"smoothing_convention must be 'uniform' or 'others', got {smoothing_convention!r}")
-    acc = _accumulate_dtype(x.dtype)
+    acc = accumulate_dtype(x.dtype)
     if soft:
         n_rows = x.shape[0]
         if reduction == "mean" and n_rows == 0:
@@ -303,7 +298,7 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, *, weight: torch.Te
 class _SoftmaxFocal(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, y_safe, kept, alpha_y, gamma, row_scale):
-        acc = _accumulate_dtype(x.dtype)
+        acc = accumulate_dtype(x.dtype)
         m, lse_rel, _ = _row_stats(x)
         log_p = (x.gather(1, y_safe[:, None])[:, 0].to(acc) - m) - lse_rel  # log p_y, relative to the max
         one_minus_p = -torch.expm1(log_p)  # accurate where p_y is close to 1
@@ -356,7 +351,7 @@ def softmax_focal_loss(input: torch.Tensor, target: torch.Tensor, *, gamma: floa
         raise ValueError(f"gamma must be >= 0, got {gamma}")
     x, t, kept, _, out_shape = _check(input, target, ignore_index, alpha, weight_name="alpha", allow_soft=False,
                                       need_kept=reduction == "mean")
-    acc = _accumulate_dtype(x.dtype)
+    acc = accumulate_dtype(x.dtype)
     y_safe = torch.where(kept, t, torch.zeros_like(t))
     alpha_y = torch.ones(x.shape[0], dtype=acc, device=x.device) if alpha is None else alpha[y_safe].to(acc)
     row_scale = torch.ones_like(alpha_y)
