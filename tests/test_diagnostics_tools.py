@@ -62,10 +62,15 @@ def test_report_flags_what_is_wrong_and_only_that():
     assert "second.weight: 1 non-finite gradient entries" in report
     # a layer learning 1000x faster than the others is flagged, relative to the model's own median
     torch.manual_seed(0)
-    model = TwoLayer()
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))
     model(torch.randn(5, 3)).pow(2).sum().backward()
-    model.first.bias.grad *= 1e4
-    assert "first.bias: gradient/weight ratio" in diagnostic_report(model, ratio_factor=100)
+    assert "gradient/weight ratio" not in diagnostic_report(model, ratio_factor=100)
+    model[0].weight.grad *= 1e4
+    assert "0.weight: gradient/weight ratio" in diagnostic_report(model, ratio_factor=100)
+    # biases and norm gains live on other scales (a gain starts at 1): only matrices are compared
+    model[0].weight.grad /= 1e4
+    model[0].bias.grad *= 1e4
+    assert "gradient/weight ratio" not in diagnostic_report(model, ratio_factor=100)
 
 
 def test_parameter_stats_match_numpy():
@@ -314,3 +319,50 @@ def test_label_noise_bad_input():
         out_of_fold_logits(_one_nn, np.zeros((3, 2)), np.zeros(3, dtype=int), n_folds=5)
     with pytest.raises(ValueError, match="same number"):
         out_of_fold_logits(_one_nn, np.zeros((3, 2)), np.zeros(4, dtype=int))
+
+
+# --- the report on training runs with a fault injected (chapter 4) ----------------------------------
+
+def _run_report(corpus, tiny_config, lr=1e-3, fault=None, steps=30):
+    from minigpt.gradient_flow import detach_output, nan_in_embedding
+
+    torch.manual_seed(0)
+    model = GPT(tiny_config)
+    if fault == "detach":
+        detach_output(model.transformer.h[0])
+    elif fault == "nan":
+        nan_in_embedding(model.transformer.wte)
+    elif fault == "frozen":
+        model.transformer.wte.weight.requires_grad_(False)
+    rec = GradientRecorder()
+    config = TrainConfig(max_iters=steps, learning_rate=lr, min_lr=lr / 10, warmup_iters=5, grad_clip=None,
+                         eval_iters=0, on_nonfinite="stop", progress=False)
+    result = train(model, corpus.batch_fn(8, 16), config, grad_hook=rec)
+    return diagnostic_report(gradients=rec.last, reference=rec.first, history=result)
+
+
+def test_report_flags_each_injected_fault_and_not_a_healthy_run(corpus, tiny_config):
+    assert _run_report(corpus, tiny_config).endswith("Flags: none")
+    detached = _run_report(corpus, tiny_config, fault="detach")
+    assert "transformer.h.0.attn.c_attn.weight: no gradient" in detached and "transformer.wpe.weight: no gradient" in detached
+    assert "transformer.h.1.attn.c_attn.weight: no gradient" not in detached
+    nan = _run_report(corpus, tiny_config, fault="nan")
+    assert "non-finite gradient entries" in nan and "training stopped on a non-finite" in nan
+    frozen = _run_report(corpus, tiny_config, fault="frozen")
+    assert "transformer.wte.weight: no gradient" in frozen  # tied to the head: one tensor, frozen
+    fast = _run_report(corpus, tiny_config, lr=1e-1)
+    assert "times its" not in fast and "x its" in fast and "steps too large" in fast
+    with pytest.raises(ValueError, match="growth_factor"):
+        diagnostic_report(gradients=[], growth_factor=1.0)
+    with pytest.raises(ValueError, match="reference"):
+        diagnostic_report(parameters=[], reference=[])
+
+
+def test_report_reads_a_training_history(corpus, tiny_config):
+    from minigpt.train import History
+
+    rising = History(step=[1, 2, 3], loss=[2.0, 2.5, 3.0], lr=[1e-3] * 3, grad_norm=[1.0, 2.0, 3.0], seconds=[0.1] * 3)
+    report = diagnostic_report(history=rising)
+    assert "training loss rose from 2 to 3" in report and "Training: 3 updates" in report
+    falling = History(step=[1, 2], loss=[3.0, 2.0], lr=[1e-3] * 2, grad_norm=[1.0, 1.0], seconds=[0.1] * 2)
+    assert diagnostic_report(history=falling).endswith("Flags: none")

@@ -139,6 +139,7 @@ class GradientRecorder:
     steps: list[int] = field(default_factory=list)
     norms: dict[str, list[float]] = field(default_factory=dict)
     total: list[float] = field(default_factory=list)
+    first: list[GradientStats] = field(default_factory=list)  # the full statistics of the first recorded step
     last: list[GradientStats] = field(default_factory=list)  # the full statistics of the last recorded step
 
     def __post_init__(self):
@@ -153,6 +154,8 @@ class GradientRecorder:
         for s in stats:
             self.norms.setdefault(s.name, []).append(s.norm)
         self.total.append(math.sqrt(sum(s.norm ** 2 for s in stats if s.has_grad)))
+        if not self.first:
+            self.first = stats
         self.last = stats
 
     def group_series(self, depth: int = 3) -> dict[str, np.ndarray]:
@@ -225,9 +228,12 @@ class LossTracker:
 
 
 def _flag_ratios(grads: list[GradientStats], factor: float) -> list[str]:
-    ratios = [(g.name, g.ratio) for g in grads if g.has_grad and math.isfinite(g.ratio) and g.weight_norm > 0]
+    # Matrices only: a LayerNorm gain starts at 1 and a bias at 0, so their gradient/weight ratios live on
+    # other scales than a weight matrix's, and comparing them flags healthy models.
+    ratios = [(g.name, g.ratio) for g in grads
+              if g.has_grad and len(g.shape) >= 2 and math.isfinite(g.ratio) and g.weight_norm > 0]
     positive = [r for _, r in ratios if r > 0]
-    if len(positive) < 3:
+    if len(positive) < 3:  # with two, the median cannot tell which one is the odd one
         return []
     median = float(np.median(positive))
     flags = []
@@ -239,26 +245,71 @@ def _flag_ratios(grads: list[GradientStats], factor: float) -> list[str]:
     return flags
 
 
+def _flag_growth(reference: list[GradientStats], now: list[GradientStats], factor: float) -> list[str]:
+    start = {g.name: g.weight_norm for g in reference}
+    flags = []
+    for g in now:
+        w0 = start.get(g.name)
+        if len(g.shape) >= 2 and w0 and math.isfinite(g.weight_norm) and g.weight_norm > factor * w0:
+            flags.append(f"{g.name}: weight norm {g.weight_norm:.3g} is {g.weight_norm / w0:.1f}x its "
+                         f"{w0:.3g} at the reference step (over {factor:g}x: steps too large for the weights)")
+    return flags
+
+
+def _flag_history(history) -> tuple[list[str], list[str]]:
+    result = history
+    history = getattr(result, "history", result)
+    losses = list(history.loss)
+    stop = getattr(result, "stop_reason", None)
+    lines, flags = [], []
+    if losses:
+        lines.append(f"Training: {len(losses)} updates, loss {losses[0]:.4g} -> {losses[-1]:.4g}, gradient norm "
+                     f"{history.grad_norm[0]:.3g} -> {history.grad_norm[-1]:.3g}" + (f", stopped: {stop}" if stop else ""))
+    else:
+        lines.append("Training: no update taken" + (f", stopped: {stop}" if stop else ""))
+    if stop is not None and stop.startswith("non-finite"):
+        flags.append(f"training stopped on a non-finite loss or gradient ({stop})")
+    elif len(losses) > 1 and losses[-1] > losses[0]:
+        flags.append(f"training loss rose from {losses[0]:.4g} to {losses[-1]:.4g}")
+    elif not losses:
+        flags.append("training: no update was taken")
+    return lines, flags
+
+
 def diagnostic_report(model: nn.Module | None = None, *, gradients: list[GradientStats] | None = None,
                       parameters: list[ParameterStats] | None = None, losses: LossTracker | None = None,
-                      window: int = 50, ratio_factor: float = 100.0) -> str:
-    """A readable text report of gradients, weights and loss components, with flags.
+                      history=None, reference: list[GradientStats] | None = None, window: int = 50,
+                      ratio_factor: float = 100.0, growth_factor: float = 5.0) -> str:
+    """A readable text report of gradients, weights, loss components and a training run, with flags.
 
-    Pass a model (its current gradients and weights are measured) or precomputed statistics. Flags:
+    Pass a model (its current gradients and weights are measured) or precomputed statistics; for a run,
+    a :class:`GradientRecorder`'s ``last`` as ``gradients`` and its ``first`` as ``reference``, and the
+    :class:`minigpt.train.TrainResult` (or its ``History``) as ``history``. Flags:
 
     - a gradient or weight with NaN or infinite entries;
     - a parameter with no gradient (not used in the loss, or frozen), or an all-zero gradient;
-    - a gradient/weight ratio more than ``ratio_factor`` times above or below the median over the model's
-      parameters (a layer learning far faster or slower than the rest);
+    - a weight matrix whose gradient/weight ratio is more than ``ratio_factor`` times above or below the
+      median over the model's matrices (a layer learning far faster or slower than the rest);
+    - a weight matrix whose norm grew more than ``growth_factor`` times since ``reference`` (updates too
+      large for the weights: the learning rate, usually);
+    - a run that stopped on a non-finite loss or gradient, or whose training loss ended above its start;
     - a loss component that is non-finite, or that holds more than 90% of the tracked total.
     """
     if model is not None:
         gradients = gradient_stats(model) if gradients is None else gradients
         parameters = parameter_stats(model) if parameters is None else parameters
-    if gradients is None and parameters is None and losses is None:
-        raise ValueError("diagnostic_report needs a model, or gradients, parameters or losses")
+    if gradients is None and parameters is None and losses is None and history is None:
+        raise ValueError("diagnostic_report needs a model, or gradients, parameters, losses or history")
+    if reference is not None and gradients is None:
+        raise ValueError("reference needs gradients (statistics of the same run at a later step) to compare with")
+    if not growth_factor > 1:
+        raise ValueError(f"growth_factor must be > 1, got {growth_factor}")
     lines: list[str] = []
     flags: list[str] = []
+    if history is not None:
+        history_lines, history_flags = _flag_history(history)
+        lines.extend(history_lines)
+        flags.extend(history_flags)
     if gradients is not None:
         total = math.sqrt(sum(g.norm ** 2 for g in gradients if g.has_grad))
         lines.append(f"Gradients: {len(gradients)} tensors, global L2 norm {total:.3e}")
@@ -278,6 +329,8 @@ def diagnostic_report(model: nn.Module | None = None, *, gradients: list[Gradien
             elif g.zero_fraction == 1.0:
                 flags.append(f"{g.name}: gradient exactly zero everywhere")
         flags.extend(_flag_ratios(gradients, ratio_factor))
+        if reference is not None:
+            flags.extend(_flag_growth(reference, gradients, growth_factor))
     if parameters is not None:
         lines.append(f"Parameters: {sum(p.numel for p in parameters):,} values in {len(parameters)} tensors")
         width = max(len(p.name) for p in parameters)
