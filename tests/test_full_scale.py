@@ -105,3 +105,44 @@ def test_masked_prompt_with_weight_full():
     setup = sft_setup("full")
     small_run = replace(setup, n_test=4, train=replace(setup.train, max_iters=2, warmup_iters=1, progress=False))
     assert run_sft(small_run, 1, prompt_weight=0.1, device=DEVICE).result.steps_done == 2
+
+
+def test_label_smoothing_full(corpus):
+    from minigpt.smoothing import (calibration_summary, collect_logits, fit_side_by_side, fit_temperature,
+                                   label_smoothing_setup, mlp_features)
+    from minigpt.train import language_model_loss
+
+    setup = label_smoothing_setup("full")
+    digits = load_stacked(load_digits, minigpt.seeds(setup.n_seeds))
+    X, Y = digits.X_train, digits.y_train
+    assert X.shape[0] == setup.n_seeds
+
+    def smoothed(eps):
+        return lambda o, t: losses.cross_entropy(o.transpose(1, 2), t, label_smoothing=eps, reduction="none")
+
+    def rows(loss, **kw):
+        return lambda o, t: loss(o.flatten(0, 1), t.flatten(), reduction="none", **kw).view(t.shape)
+
+    net = fit_side_by_side([smoothed(0.1), rows(losses.confidence_penalty_loss, beta=0.1),
+                            rows(losses.adaptive_label_smoothing_loss)], X, Y, n_classes=10, hidden=setup.hidden,
+                           steps=2, lr=setup.mlp_lr)
+    with torch.no_grad():
+        val = net(digits.X_val.repeat(3, 1, 1)).view(3, setup.n_seeds, -1, 10)
+        teacher = net(X.repeat(3, 1, 1)).view(3, setup.n_seeds, -1, 10)[0, :, :setup.student_labels]
+    T = fit_temperature(val[0], digits.y_val)
+    assert T.shape == (setup.n_seeds,) and calibration_summary(val[0][0], digits.y_val[0], temperature=T[0])["ece"] >= 0
+    assert mlp_features(net, X.repeat(3, 1, 1)).shape[-1] == setup.hidden
+    student = fit_side_by_side(
+        [lambda o, t: 0.5 * smoothed(0.0)(o, t) + 0.5 * losses.distillation_loss(o, teacher, temperature=4.0, reduction="none")],
+        X[:, :setup.student_labels], Y[:, :setup.student_labels], n_classes=10, hidden=setup.student_hidden, steps=2,
+        lr=setup.mlp_lr)
+    assert student.problems == setup.n_seeds
+    torch.manual_seed(0)
+    model = GPT(setup.gpt).to(DEVICE)
+    get_batch = corpus.batch_fn(2, setup.gpt.block_size, device=DEVICE)
+    result = train(model, get_batch, replace(setup.gpt_train, **TWO),
+                   batch_loss=language_model_loss(lambda x, y, reduction: losses.cross_entropy(
+                       x, y, label_smoothing=0.1, reduction=reduction)))
+    assert result.steps_done == 2
+    logits, targets = collect_logits(model, get_batch, "val", iters=2)
+    assert logits.shape == (2 * 2 * setup.gpt.block_size, 65) and fit_temperature(logits, targets).item() > 0

@@ -467,3 +467,86 @@ def test_knobs_refuse_nan_and_out_of_range_inputs():
         losses.sigmoid_focal_loss(x, t, alpha=float("nan"))  # used to disable the weight silently
     with pytest.raises(ValueError, match="input must hold probabilities in \\[0, 1\\] with from_logits=False"):
         losses.dice_loss(torch.full((1, 1, 3), 3.0), torch.ones(1, 1, 3), from_logits=False)  # used to give -0.46
+
+
+def _class_logits(n=64, c=10, scale=3.0, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, c, generator=g, dtype=dtype) * scale), torch.randint(0, c, (n,), generator=g)
+
+
+# ---- confidence penalty and adaptive smoothing ------------------------------------------------------------
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_confidence_penalty_is_ce_minus_beta_entropy(reduction):
+    x, y = _class_logits()
+    y[3] = losses.IGNORE_INDEX
+    kept = y != losses.IGNORE_INDEX
+    p = x.softmax(1)
+    per = F.cross_entropy(x, y, reduction="none") + 0.3 * (p * p.log()).sum(1)
+    per = torch.where(kept, per, torch.zeros_like(per))
+    want = {"mean": per.sum() / kept.sum(), "sum": per.sum(), "none": per}[reduction]
+    torch.testing.assert_close(losses.confidence_penalty_loss(x, y, beta=0.3, reduction=reduction), want)
+    torch.testing.assert_close(losses.confidence_penalty_loss(x, y, beta=0.0), F.cross_entropy(x, y))
+
+
+def test_confidence_penalty_gradient_matches_autograd_of_reference():
+    x, y = _class_logits(n=16, c=5)
+    a, b = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    losses.confidence_penalty_loss(a, y, beta=0.5).backward()
+    pb = b.softmax(1)
+    (F.cross_entropy(b, y) + 0.5 * (pb * b.log_softmax(1)).sum(1).mean()).backward()
+    torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_confidence_penalty_is_finite_at_saturated_logits():
+    x = torch.tensor([[1e4, 0.0, -1e4]], requires_grad=True)
+    loss = losses.confidence_penalty_loss(x, torch.tensor([0]), beta=0.1)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
+
+
+def test_adaptive_smoothing_matches_the_notes_formula():
+    x, y = _class_logits(c=7)
+    C = 7
+    p = x.softmax(1)
+    eps = torch.clamp(0.2 * (1 - p.gather(1, y[:, None])), min=0.01)  # (N, 1)
+    target = torch.full_like(x, 0.0) + eps / (C - 1)
+    target.scatter_(1, y[:, None], 1 - eps)
+    want = -(target * x.log_softmax(1)).sum(1)
+    got = losses.adaptive_label_smoothing_loss(x, y, base_smoothing=0.2, reduction="none")
+    torch.testing.assert_close(got, want)
+
+
+def test_adaptive_smoothing_at_a_fixed_epsilon_is_the_others_convention():
+    """With min_smoothing = base the epsilon is constant: the notes' fixed smoothing."""
+    x, y = _class_logits()
+    got = losses.adaptive_label_smoothing_loss(x, y, base_smoothing=0.1, min_smoothing=0.1)
+    torch.testing.assert_close(got, losses.cross_entropy(x, y, label_smoothing=0.1, smoothing_convention="others"))
+
+
+def test_adaptive_smoothing_confidence_is_detached():
+    x, y = _class_logits(n=8, c=4)
+    a = x.clone().requires_grad_(True)
+    losses.adaptive_label_smoothing_loss(a, y, base_smoothing=0.3, min_smoothing=0.0, reduction="sum").backward()
+    eps = (0.3 * (1 - x.softmax(1).gather(1, y[:, None]))).clamp(min=0.0)
+    target = (eps / 3).expand(8, 4).clone()
+    target.scatter_(1, y[:, None], 1 - eps)
+    torch.testing.assert_close(a.grad, x.softmax(1) - target)  # the gradient of CE against a fixed soft target
+
+
+@pytest.mark.parametrize("fn, kw", [(losses.confidence_penalty_loss, dict(beta=0.1)),
+                                    (losses.adaptive_label_smoothing_loss, {})])
+def test_new_losses_reject_bad_input(fn, kw):
+    x, y = _class_logits(n=4, c=3)
+    with pytest.raises(ValueError, match="input must be an"):
+        fn(x[0], y, **kw)
+    with pytest.raises(ValueError, match="target must be an int64"):
+        fn(x, y.float(), **kw)
+    with pytest.raises(ValueError, match="outside"):
+        fn(x, torch.tensor([0, 1, 2, 3]), **kw)
+    with pytest.raises(ValueError, match="reduction"):
+        fn(x, y, reduction="batchmean", **kw)
+    with pytest.raises(ValueError, match="mean is undefined"):
+        fn(x, torch.full((4,), losses.IGNORE_INDEX), **kw)
+    with pytest.raises(ValueError, match="beta" if "beta" in kw else "base_smoothing"):
+        fn(x, y, **({"beta": -1.0} if "beta" in kw else {"base_smoothing": 2.0}))

@@ -9,7 +9,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .common import check_float_pair, check_floating, check_reduction, check_tensor, reduce
+from .common import IGNORE_INDEX, check_float_pair, check_floating, check_reduction, check_tensor, reduce
 
 
 def _check_binary_target(target: torch.Tensor, name: str = "target") -> None:
@@ -383,3 +383,92 @@ def neighbour_info_nce_loss(features: torch.Tensor, *, temperature: float = 0.07
     sim = (z @ z.T / temperature).masked_fill(eye, -math.inf)
     log_p = sim - torch.logsumexp(sim, dim=1, keepdim=True)
     return -torch.logsumexp(log_p.masked_fill(~positive, -math.inf), dim=1).mean().to(features.dtype)
+
+
+def _check_class_targets(input: torch.Tensor, target: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """(N, C) logits and (N,) int64 labels in [0, C) or ``ignore_index``; returns the kept mask (N,)."""
+    check_floating(input, "input")
+    check_tensor(target, "target")
+    if input.ndim != 2:
+        raise ValueError(f"input must be an (N, C) tensor of logits, got shape {tuple(input.shape)}")
+    if target.dtype != torch.long or target.shape != input.shape[:1]:
+        raise ValueError(f"target must be an int64 tensor of shape ({input.shape[0]},), got dtype {target.dtype} "
+                         f"and shape {tuple(target.shape)}")
+    kept = target != ignore_index
+    if bool(((target[kept] < 0) | (target[kept] >= input.shape[1])).any()):
+        raise ValueError(f"target holds labels outside [0, {input.shape[1]}) that are not ignore_index ({ignore_index})")
+    return kept
+
+
+def _reduce_kept(loss: torch.Tensor, kept: torch.Tensor, reduction: str) -> torch.Tensor:
+    loss = torch.where(kept, loss, torch.zeros_like(loss))
+    if reduction == "mean":
+        if not bool(kept.any()):
+            raise ValueError("every target is ignore_index: the mean is undefined")
+        return loss.sum() / kept.sum()
+    return loss.sum() if reduction == "sum" else loss
+
+
+def confidence_penalty_loss(input: torch.Tensor, target: torch.Tensor, *, beta: float = 0.1,
+                            ignore_index: int = IGNORE_INDEX, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy minus ``beta`` times the entropy of the prediction (Pereyra et al. 2017, "Regularizing
+    neural networks by penalizing confident output distributions"):
+
+    .. math::
+        \\ell_i = -\\log p_{i y_i} - \\beta\\, H(p_i), \\quad H(p) = -\\sum_c p_c \\log p_c,
+        \\quad p_i = \\mathrm{softmax}(x_i)
+
+    Label smoothing pulls the prediction towards the uniform distribution through the target,
+    ``KL(u || p)``; the confidence penalty pushes through the prediction's own entropy, ``-H(p)`` (up to a
+    constant, ``KL(p || u)``), so its push is strongest where the prediction is most peaked.
+
+    Args:
+        input: (N, C) logits. target: (N,) int64 labels; ``ignore_index`` marks rows without a loss.
+        beta: weight of the entropy term, >= 0 (0 gives cross-entropy).
+        reduction: ``"mean"`` over the kept rows, ``"sum"``, or ``"none"`` ((N,), 0 at ignored rows).
+    """
+    check_reduction(reduction)
+    kept = _check_class_targets(input, target, ignore_index)
+    if not beta >= 0:
+        raise ValueError(f"beta must be >= 0, got {beta}")
+    log_p = F.log_softmax(input, dim=-1)
+    nll = -log_p.gather(1, torch.where(kept, target, 0)[:, None]).squeeze(1)
+    entropy = -(log_p.exp() * log_p).sum(dim=-1)
+    return _reduce_kept(nll - beta * entropy, kept, reduction)
+
+
+def adaptive_label_smoothing_loss(input: torch.Tensor, target: torch.Tensor, *, base_smoothing: float = 0.1,
+                                  min_smoothing: float = 0.01, ignore_index: int = IGNORE_INDEX,
+                                  reduction: str = "mean") -> torch.Tensor:
+    """The source notes' "adaptive" label smoothing, kept to be measured: each example's epsilon is
+    ``max(base * (1 - p_y), min_smoothing)`` with ``p_y`` the model's own (detached) probability of the
+    true class, and the target puts ``1 - eps`` on the true class and ``eps / (C - 1)`` on each other
+    (the notes' convention, ``smoothing_convention="others"`` of :func:`minigpt.losses.cross_entropy`).
+
+    .. math::
+        \\varepsilon_i = \\max(b\\,(1 - \\mathrm{sg}[p_{i y_i}]),\\ \\varepsilon_{\\min}), \\quad
+        \\ell_i = -(1 - \\varepsilon_i) \\log p_{i y_i} - \\frac{\\varepsilon_i}{C - 1}\\sum_{c \\ne y_i} \\log p_{ic}
+
+    It smooths least where the model is already most confident in the true class: the opposite of what a
+    fix for over-confidence needs (chapter 5 measures what it does to calibration).
+
+    Args:
+        input: (N, C) logits, C >= 2. target: (N,) int64 labels; ``ignore_index`` marks rows without a loss.
+        base_smoothing: b in [0, 1]. min_smoothing: floor of epsilon, in [0, 1].
+        reduction: ``"mean"`` over the kept rows, ``"sum"``, or ``"none"`` ((N,), 0 at ignored rows).
+    """
+    check_reduction(reduction)
+    kept = _check_class_targets(input, target, ignore_index)
+    C = input.shape[1]
+    if C < 2:
+        raise ValueError("input must have at least 2 classes to smooth over")
+    for name, value in (("base_smoothing", base_smoothing), ("min_smoothing", min_smoothing)):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name} must lie in [0, 1], got {value}")
+    log_p = F.log_softmax(input, dim=-1)
+    y = torch.where(kept, target, 0)[:, None]
+    log_p_true = log_p.gather(1, y).squeeze(1)
+    eps = torch.clamp(base_smoothing * (1 - log_p_true.detach().exp()), min=min_smoothing)
+    log_p_others = log_p.sum(dim=-1) - log_p_true
+    loss = -(1 - eps) * log_p_true - eps / (C - 1) * log_p_others
+    return _reduce_kept(loss, kept, reduction)
