@@ -45,3 +45,26 @@ def test_loss_bench_runs_small():
         result = loss_bench.run_one(name, n=64, vocab=100, repeats=2)
         assert result["seconds"] > 0 and result["seconds"] <= result["seconds_median"]
         assert len(result["times"]) == 2
+
+
+def test_loss_bench_measures_the_output_layer_losses():
+    from minigpt import loss_bench
+
+    results = loss_bench.measure(list(loss_bench.LINEAR_LOSSES), n=64, vocab=500, repeats=1, hidden=8, chunk=16,
+                                 reference="F.linear + F.cross_entropy")
+    assert [r["loss"] for r in results] == list(loss_bench.LINEAR_LOSSES)
+    fused = results[-1]
+    assert fused["chunk"] == 16 and fused["hidden"] == 8
+    assert fused["gradients_in_logits"] == (64 * 8 + 500 * 8) / (64 * 500)
+    assert results[0]["time_vs_reference"] == 1.0
+    with pytest.raises(ValueError, match="names holds an unknown loss"):
+        loss_bench.measure(["no such loss"], n=8, vocab=10)
+
+
+def test_loss_bench_sweeps_sizes_and_chunks_in_one_process():
+    from minigpt import loss_bench
+
+    results = loss_bench.measure(["minigpt linear_cross_entropy", "F.linear + F.cross_entropy"], n=(32, 64),
+                                 vocab=200, repeats=1, hidden=4, chunk=(8, 16), reference="F.linear + F.cross_entropy")
+    assert [(r["n"], r["chunk"]) for r in results][::2] == [(32, 8), (32, 16), (64, 8), (64, 16)]
+    assert all(r["time_vs_reference"] == 1.0 for r in results if r["loss"] == "F.linear + F.cross_entropy")

@@ -146,6 +146,14 @@ def test_no_gradient_work_without_grad_mode_and_partial_requires_grad():
     assert torch.allclose(ref_W, W.grad, atol=1e-12)
 
 
+def test_a_second_backward_is_refused_not_wrong():
+    h, W, b, y = _problem(10, 4, 6, torch.float64)
+    loss = linear_cross_entropy(h, W, y, bias=b)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="one backward pass per forward"):
+        loss.backward()
+
+
 def test_sum_of_no_positions_is_zero():
     h, W, b, _ = _problem(0, 4, 6, torch.float64)
     out = linear_cross_entropy(h, W, torch.zeros(0, dtype=torch.long), bias=b, reduction="sum")

@@ -126,8 +126,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
         needs = ctx.needs
         if ctx.grad_now:
             # the loss was summed afterwards, so grad_out is one number repeated on every row
+            # (in place: a second weight-sized buffer here would double the memory the gradients take,
+            # which is also why a second backward through the same graph is refused)
+            if getattr(ctx, "backward_done", False):
+                raise RuntimeError("linear_cross_entropy supports one backward pass per forward "
+                                   "(its stored gradients were scaled in place); call it again instead of "
+                                   "retain_graph=True")
+            ctx.backward_done = True
             g = grad_out[0]
-            grads = [s * g.to(s.dtype) if need else None for s, need in zip(ctx.saved_tensors, needs)]
+            grads = [s.mul_(g.to(s.dtype)) if need else None for s, need in zip(ctx.saved_tensors, needs)]
         else:
             hidden, weight, bias, y, row_scale, m_all, lse_all = ctx.saved_tensors
             bias = bias if ctx.has_bias else None
