@@ -272,7 +272,7 @@ class LabelSmoothingSetup:
 
 def label_smoothing_setup(scale: str) -> LabelSmoothingSetup:
     """``small``: 5 digit splits, networks of 32 hidden units; a GPT of 2 layers, 64 wide, on blocks of 32,
-    200 updates per run, 3 seeds. ``full``: 10 splits, 64 hidden units; nanoGPT's CPU model (0.8M
+    200 updates per run, 5 seeds. ``full``: 10 splits, 64 hidden units; nanoGPT's CPU model (0.8M
     parameters), 1,000 updates, 5 seeds."""
     if scale not in SCALES:
         raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
@@ -281,7 +281,7 @@ def label_smoothing_setup(scale: str) -> LabelSmoothingSetup:
                                    student_labels=100, gpt=GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=64),
                                    gpt_batch=16,
                                    gpt_train=TrainConfig(max_iters=200, learning_rate=3e-3, min_lr=3e-4, warmup_iters=20,
-                                                         eval_iters=0), n_gpt_seeds=3, gpt_eval_iters=10)
+                                                         eval_iters=0), n_gpt_seeds=5, gpt_eval_iters=10)
     return LabelSmoothingSetup(scale, n_seeds=10, hidden=64, mlp_steps=400, mlp_lr=0.01, student_hidden=16,
                                student_labels=100, gpt=GPTConfig(), gpt_batch=32,
                                gpt_train=TrainConfig(max_iters=1000, warmup_iters=100, eval_iters=0), n_gpt_seeds=5,
