@@ -74,7 +74,7 @@ class FusionSetup:
     target_f1: float = 0.9
     gate_coef: float = 0.01
     temperature: float = 0.1
-    lr_factors: tuple = (1 / 3, 1.0, 3.0)
+    lr_factors: tuple = (1 / 3, 1.0, 3.0, 10.0)
 
 
 def fusion_setup(scale: str) -> FusionSetup:
@@ -598,8 +598,52 @@ def _train(variants, data: DigitHalves, setup: FusionSetup, lr, track_conflict, 
                      shape(log.pcgrad_changed) if log.pcgrad_changed else None)
 
 
+# --- judging the note's predictions --------------------------------------------------------------------
+
+OUTCOMES = ("consistent", "exceeded", "unresolved", "contradicted")
+
+
+def judge_prediction(values, low: float, high: float):
+    """A predicted change ``[low, high]`` (e.g. +10 to +20, in the measure's units) against per-seed
+    measured changes: ``(outcome, MeanCI)``, the outcome one of
+
+    - ``"consistent"``: the 95% interval overlaps the predicted range and, if the range excludes zero,
+      excludes zero too (the effect is established and of the predicted size);
+    - ``"exceeded"``: the interval lies beyond the range, in its direction (a larger effect than predicted);
+    - ``"unresolved"``: the interval overlaps the range but also reaches zero, which the range excludes;
+    - ``"contradicted"``: the interval lies short of the range (a smaller, no, or opposite effect).
+    """
+    from .experiments import mean_ci
+
+    if not low <= high:
+        raise ValueError(f"need low <= high, got {low}, {high}")
+    ci = mean_ci(values)
+    pointing_up = high > 0 if low >= 0 else not high <= 0 and abs(high) >= abs(low)
+    if ci.low > high:
+        return ("exceeded" if pointing_up else "contradicted"), ci
+    if ci.high < low:
+        return ("contradicted" if pointing_up else "exceeded"), ci
+    if low <= 0 <= high or ci.low > 0 or ci.high < 0:
+        return "consistent", ci
+    return "unresolved", ci
+
+
+def claim_verdict(outcomes) -> str:
+    """The claims audit's scale word for a claim made of several predictions, from their outcomes: all
+    consistent -> ``"holds"``; some consistent or exceeded -> ``"holds in part"``; otherwise any
+    contradicted -> ``"does not hold"``; all unresolved -> ``"not testable here"``."""
+    outcomes = list(outcomes)
+    if not outcomes or any(o not in OUTCOMES for o in outcomes):
+        raise ValueError(f"outcomes must be a non-empty list of {OUTCOMES}, got {outcomes}")
+    if all(o == "consistent" for o in outcomes):
+        return "holds"
+    if any(o in ("consistent", "exceeded") for o in outcomes):
+        return "holds in part"
+    return "does not hold" if "contradicted" in outcomes else "not testable here"
+
+
 __all__ = [
-    "DigitHalves", "FusionOutput", "FusionRun", "FusionSetup", "GatedFusionNet", "METHODS", "NOTE_WEIGHTS", "TASKS",
+    "OUTCOMES", "claim_verdict", "judge_prediction", "DigitHalves", "FusionOutput", "FusionRun", "FusionSetup", "GatedFusionNet", "METHODS", "NOTE_WEIGHTS", "TASKS",
     "Variant", "WEIGHT_TOTAL", "batched_info_nce", "digit_halves", "fusion_setup", "macro_f1", "recon_gradient",
     "reconstruction_loss", "task_losses", "train_fusion",
 ]

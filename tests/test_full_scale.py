@@ -146,3 +146,20 @@ def test_label_smoothing_full(corpus):
     assert result.steps_done == 2
     logits, targets = collect_logits(model, get_batch, "val", iters=2)
     assert logits.shape == (2 * 2 * setup.gpt.block_size, 65) and fit_temperature(logits, targets).item() > 0
+
+
+def test_multitask_full():
+    from minigpt.fusion import Variant, digit_halves, fusion_setup, train_fusion
+    setup = fusion_setup("full")
+    assert setup.hidden == 64 and setup.n_seeds == 20 and setup.steps == 600
+    two = replace(setup, steps=2, eval_every=1)
+    data = digit_halves(minigpt.seeds(setup.n_seeds))
+    # the note's variants side by side (fixed weights, SmoothL1, gate regulariser, uncertainty, focal)
+    variants = [Variant("note"), Variant("plan 2", encoder_weight=0.03, recon="smooth_l1", gate_reg=0.01,
+                                         method="uncertainty (exact)"), Variant("focal", focal_gamma=2.0)]
+    run = train_fusion(variants, data, two, track_conflict=True, device=DEVICE)
+    assert run.f1.shape == (3, setup.n_seeds, 3) and run.cosines is not None
+    few = digit_halves(minigpt.seeds(setup.n_method_seeds))
+    for method in ("PCGrad", "gradient balance", "DWA", "random (RLW)", "GradNorm"):
+        run = train_fusion([Variant(method, method=method)], few, two, device=DEVICE)
+        assert run.losses.shape == (1, setup.n_method_seeds, 2, 3)

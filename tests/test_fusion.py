@@ -129,3 +129,21 @@ def test_setup():
     assert small.n_seeds >= 5 and full.steps > small.steps
     with pytest.raises(ValueError, match="scale"):
         fusion_setup("huge")
+
+
+def test_judge_prediction_and_claim_verdict():
+    from minigpt.fusion import claim_verdict, judge_prediction
+    assert judge_prediction([14, 15, 16], 10, 20)[0] == "consistent"
+    assert judge_prediction([0, 1, -1], 10, 20)[0] == "contradicted"
+    assert judge_prediction([-20, 30, 15], 10, 20)[0] == "unresolved"
+    assert judge_prediction([40, 41, 42], 10, 20)[0] == "exceeded"
+    assert judge_prediction([-25, -24, -26], -30, -20)[0] == "consistent"  # a predicted fall
+    assert judge_prediction([0, 1, -1], -30, -20)[0] == "contradicted"
+    assert judge_prediction([-1, 1, 0.5], 0, 5)[0] == "consistent"  # "no change or slightly faster"
+    assert judge_prediction([-9, -10, -11], 0, 5)[0] == "contradicted"
+    assert claim_verdict(["consistent", "consistent"]) == "holds"
+    assert claim_verdict(["consistent", "contradicted"]) == "holds in part"
+    assert claim_verdict(["unresolved", "contradicted"]) == "does not hold"
+    assert claim_verdict(["unresolved"]) == "not testable here"
+    with pytest.raises(ValueError, match="outcomes"):
+        claim_verdict(["maybe"])
