@@ -93,6 +93,7 @@ def test_recorder_sees_the_norm_training_clips(corpus, tiny_config):
     result = train(model, corpus.batch_fn(4, 16), TrainConfig(max_iters=6, eval_iters=0, progress=False),
                    grad_hook=rec)
     assert rec.steps == [2, 4, 6]
+    assert len(rec.first) == len(rec.last) and rec.first[0].weight_norm != rec.last[0].weight_norm  # update 1's
     recorded = np.array(result.history.grad_norm)[[1, 3, 5]]
     np.testing.assert_allclose(rec.total, recorded, rtol=1e-5)
     blocks = rec.group_series(depth=3)

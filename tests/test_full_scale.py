@@ -163,3 +163,30 @@ def test_multitask_full():
     for method in ("PCGrad", "gradient balance", "DWA", "random (RLW)", "GradNorm"):
         run = train_fusion([Variant(method, method=method)], few, two, device=DEVICE)
         assert run.losses.shape == (1, setup.n_method_seeds, 2, 3)
+
+
+def test_gradient_flow_full(corpus):
+    from minigpt.diagnostics import GradientRecorder, diagnostic_report
+    from minigpt.gradient_flow import (DeepMLP, block_gradient_norms, detach_output, gradient_flow_setup,
+                                       layer_gradient_norms)
+
+    setup = gradient_flow_setup("full")
+    assert setup.gpt.n_embd == 128 and setup.n_seeds == 5
+    digits = load_digits()
+    mlp = DeepMLP(digits.n_features, setup.mlp_width, 10, max(setup.mlp_depths), "sigmoid", residual=True,
+                  layer_norm=True, generator=torch.Generator().manual_seed(0))
+    assert len(layer_gradient_norms(mlp, digits.X_train, digits.y_train)) == max(setup.mlp_depths)
+    get_batch = corpus.batch_fn(2, setup.gpt.block_size, device=DEVICE)
+    g = torch.Generator().manual_seed(0)
+    for norm in ("pre", "post"):
+        model = GPT(replace(setup.gpt, n_layer=max(setup.depths), norm_position=norm, scale_residual_init=False)).to(DEVICE)
+        assert len(block_gradient_norms(model, [get_batch("train", g)])) == max(setup.depths)
+    two = dict(max_iters=2, eval_interval=1, progress=False)
+    for config in (replace(setup.ln_run, warmup_iters=setup.ln_warmup, **two),
+                   replace(setup.sweep_run, learning_rate=max(setup.lrs), min_lr=max(setup.lrs), **two),
+                   replace(setup.clip_run, grad_clip=min(c for c in setup.clips if c), warmup_iters=1, eval_iters=1, **two)):
+        model, recorder = GPT(replace(setup.gpt, n_layer=setup.ln_depth, norm_position="post")).to(DEVICE), GradientRecorder()
+        detach_output(model.transformer.h[0])
+        result = train(model, get_batch, config, grad_hook=recorder)
+        assert result.steps_done == 2
+        assert "no gradient" in diagnostic_report(gradients=recorder.last, reference=recorder.first, history=result)

@@ -139,7 +139,7 @@ class GradientRecorder:
     steps: list[int] = field(default_factory=list)
     norms: dict[str, list[float]] = field(default_factory=dict)
     total: list[float] = field(default_factory=list)
-    first: list[GradientStats] = field(default_factory=list)  # the full statistics of the first recorded step
+    first: list[GradientStats] = field(default_factory=list)  # full statistics at the first call (before any update)
     last: list[GradientStats] = field(default_factory=list)  # the full statistics of the last recorded step
 
     def __post_init__(self):
@@ -147,6 +147,8 @@ class GradientRecorder:
             raise ValueError(f"every must be a positive int, got {self.every!r}")
 
     def __call__(self, step: int, model: nn.Module) -> None:
+        if not self.first:  # the first call is kept whatever ``every`` says: the weights before any update
+            self.first = gradient_stats(model)
         if step % self.every:
             return
         stats = gradient_stats(model)
@@ -154,8 +156,6 @@ class GradientRecorder:
         for s in stats:
             self.norms.setdefault(s.name, []).append(s.norm)
         self.total.append(math.sqrt(sum(s.norm ** 2 for s in stats if s.has_grad)))
-        if not self.first:
-            self.first = stats
         self.last = stats
 
     def group_series(self, depth: int = 3) -> dict[str, np.ndarray]:
