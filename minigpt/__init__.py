@@ -13,7 +13,8 @@ Where things are (one module each):
 - ``train``: the one training loop (any model, any batch loss). ``sft``: the fine-tuning task on the
   instruction set and its evaluation.
 - ``losses``: loss functions (regression, classification, token-level, sequence, VAE).
-- ``multitask``: multi-task loss weighting. ``metrics``: accuracy, F1, PR-AUC, calibration, coverage.
+- ``multitask``: multi-task loss weighting. ``fusion``: chapter 7's two-view gated-fusion model trained with
+  any of those weightings. ``metrics``: accuracy, F1, PR-AUC, calibration, coverage.
 - ``diagnostics``: loss curves, gradient and weight statistics, a text report, LR range test, loss
   landscapes, label noise.
 - ``experiments``: runs over seeds, intervals, paired comparisons, tables. ``report``: glued prose.
