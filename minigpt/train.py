@@ -44,6 +44,9 @@ BatchFn = Callable[[str, torch.Generator], Any]
 # batch_loss(model, batch) -> (loss summed over the batch's items, number of items: int or 0-d tensor)
 BatchLoss = Callable[[nn.Module, Any], tuple[torch.Tensor, "int | float | torch.Tensor"]]
 
+OPTIMIZERS = ("adamw", "adam", "sgd", "rmsprop")
+LR_SCHEDULES = ("cosine", "step", "plateau")
+
 EVAL_SEED = 1337  # evaluation batches are the same at every evaluation and for every training seed
 
 
@@ -73,6 +76,19 @@ class TrainConfig:
     seed: int = 0  # seeds batch sampling and dropout
     progress: bool | None = None  # None: minigpt.config.progress_default() (on for readers, off in tests and builds)
     on_nonfinite: str = "raise"  # "raise" TrainingDiverged, or "stop" and return what was done
+    # Optimizer and schedule choices (chapter 8). The defaults are the loop described above.
+    optimizer: str = "adamw"  # "adamw" (decoupled decay), or "adam", "sgd", "rmsprop" (decay as an L2 gradient term)
+    momentum: float = 0.9  # SGD's momentum (Nesterov off)
+    lr_schedule: str = "cosine"  # "cosine"; "step": lr * step_gamma ** (step // step_size); "plateau": see below
+    step_size: int = 1000  # "step": updates between decays
+    step_gamma: float = 0.1  # "step": the factor of each decay
+    # "plateau": torch.optim.lr_scheduler.ReduceLROnPlateau's rule (mode "min", relative threshold) applied
+    # at every evaluation to the validation loss: the rate is multiplied by plateau_factor (never below
+    # min_lr) once more than plateau_patience evaluations in a row fail to beat the best by the threshold
+    plateau_factor: float = 0.1
+    plateau_patience: int = 10
+    plateau_threshold: float = 1e-4
+    zero_grad: bool = True  # False injects a fault on purpose: gradients are summed over all past updates
 
     @classmethod
     def adam(cls, steps: int, lr: float, seed: int = 0, **overrides) -> "TrainConfig":
@@ -109,25 +125,52 @@ class TrainConfig:
             raise ValueError(f"on_nonfinite must be 'raise' or 'stop', got {self.on_nonfinite!r}")
         if self.checkpoint_interval is not None and self.checkpoint_interval < 1:
             raise ValueError(f"checkpoint_interval must be a positive int, got {self.checkpoint_interval}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        if not isinstance(self.step_size, int) or self.step_size < 1:
+            raise ValueError(f"step_size must be a positive int, got {self.step_size!r}")
+        if not (0 < self.step_gamma <= 1 and 0 < self.plateau_factor < 1):
+            raise ValueError(f"need 0 < step_gamma <= 1 and 0 < plateau_factor < 1, got {self.step_gamma}, "
+                             f"{self.plateau_factor}")
+        if not isinstance(self.plateau_patience, int) or self.plateau_patience < 0 or self.plateau_threshold < 0:
+            raise ValueError(f"plateau_patience must be an int >= 0 and plateau_threshold >= 0, got "
+                             f"{self.plateau_patience!r}, {self.plateau_threshold}")
+        if self.lr_schedule == "plateau" and self.eval_iters == 0:
+            raise ValueError("lr_schedule='plateau' needs evaluations: set eval_iters > 0")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"momentum must lie in [0, 1), got {self.momentum}")
 
 
 def lr_at(step: int, config: TrainConfig) -> float:
     """Learning rate for the update numbered ``step`` (0-based): linear warmup to ``learning_rate``, then
-    a half cosine down to ``min_lr`` at ``lr_decay_iters``, then ``min_lr``."""
+    a half cosine down to ``min_lr`` at ``lr_decay_iters``, then ``min_lr``. (``min_lr == learning_rate``
+    makes it constant.) With ``lr_schedule="step"`` the warmup is followed by
+    ``learning_rate * step_gamma ** (step // step_size)``; with ``"plateau"`` by ``learning_rate``, which
+    :func:`train` multiplies by the plateau rule's factor."""
     decay_end = config.lr_decay_iters or config.max_iters
     if step < config.warmup_iters:
         # (step + 1) so that the very first update already moves (a zero learning rate wastes a step)
         return config.learning_rate * (step + 1) / (config.warmup_iters + 1)
+    if config.lr_schedule == "step":
+        return config.learning_rate * config.step_gamma ** (step // config.step_size)
+    if config.lr_schedule == "plateau":
+        return config.learning_rate
     if step >= decay_end:
         return config.min_lr
     progress = (step - config.warmup_iters) / (decay_end - config.warmup_iters)
     return config.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (config.learning_rate - config.min_lr)
 
 
-def configure_optimizer(model: nn.Module, config: TrainConfig, fused: bool = True) -> torch.optim.AdamW:
+def configure_optimizer(model: nn.Module, config: TrainConfig, fused: bool = True) -> torch.optim.Optimizer:
     """AdamW with two groups: weight decay on every parameter with 2 or more dimensions (matrices,
     embeddings), none on vectors (biases, LayerNorm gains), whose decay would only fight the
-    normalisation they implement."""
+    normalisation they implement.
+
+    ``config.optimizer`` picks another algorithm with the same groups: ``"adam"`` (``torch.optim.Adam``,
+    whose weight decay adds ``weight_decay * w`` to the gradient: L2 regularisation, rescaled by Adam's
+    normaliser), ``"sgd"`` (with ``config.momentum``) or ``"rmsprop"`` (smoothing constant ``beta2``)."""
     params = [p for p in model.parameters() if p.requires_grad]  # tied weights appear once
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
@@ -136,6 +179,12 @@ def configure_optimizer(model: nn.Module, config: TrainConfig, fused: bool = Tru
         {"params": no_decay, "weight_decay": 0.0},
     ]
     betas = (config.beta1, config.beta2)
+    if config.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=config.learning_rate, betas=betas)
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=config.learning_rate, momentum=config.momentum)
+    if config.optimizer == "rmsprop":
+        return torch.optim.RMSprop(groups, lr=config.learning_rate, alpha=config.beta2, eps=1e-8)
     if not fused:
         return torch.optim.AdamW(groups, lr=config.learning_rate, betas=betas)
     # The fused kernel updates every parameter in one pass instead of several elementwise passes per
@@ -332,6 +381,8 @@ def train(
     history = History()
     best_val, best_step, best_state, evals_since_best = math.inf, -1, None, 0
     step = 0
+    plateau = {"scale": 1.0, "best": math.inf, "bad": 0}  # ReduceLROnPlateau's state
+    carried: list[torch.Tensor] | None = None  # zero_grad=False: the gradient sum of all past updates
 
     if resume_from is not None:
         # Loaded on the CPU: RNG states must stay CPU tensors, and load_state_dict copies weights and
@@ -351,6 +402,8 @@ def train(
         best = ckpt["best"]
         best_val, best_step, evals_since_best = best["val_loss"], best["step"], best["evals_since"]
         best_state = best["state"]
+        plateau = ckpt.get("plateau", plateau)
+        carried = ckpt.get("carried")
     else:
         torch.manual_seed(cfg.seed)  # dropout (this seeds every CUDA device too)
         train_gen.manual_seed(cfg.seed)  # batch sampling
@@ -375,6 +428,14 @@ def train(
                 best_state = _clone_state(model)
         else:
             evals_since_best += 1
+        if cfg.lr_schedule == "plateau":  # PyTorch's mode="min", threshold_mode="rel", cooldown=0
+            if va < plateau["best"] * (1 - cfg.plateau_threshold):
+                plateau["best"], plateau["bad"] = va, 0
+            else:
+                plateau["bad"] += 1
+            if plateau["bad"] > cfg.plateau_patience:
+                plateau["scale"] *= cfg.plateau_factor
+                plateau["bad"] = 0
 
     def checkpoint() -> None:
         if cfg.checkpoint_path is None:
@@ -389,6 +450,8 @@ def train(
             history=history.as_dict(),
             rng=_rng_state(train_gen),
             best={"val_loss": best_val, "step": best_step, "evals_since": evals_since_best, "state": best_state},
+            plateau=plateau,
+            carried=carried,
         )
 
     if resume_from is None:
@@ -404,6 +467,8 @@ def train(
         while step < cfg.max_iters:
             t0 = time.perf_counter()
             lr = lr_at(step, cfg)
+            if cfg.lr_schedule == "plateau" and step >= cfg.warmup_iters:
+                lr = max(lr * plateau["scale"], cfg.min_lr) if plateau["scale"] < 1 else lr
             for group in optimizer.param_groups:
                 group["lr"] = lr
 
@@ -424,6 +489,12 @@ def train(
                 scale = 1.0 / n_items.clamp(min=1).to(torch.float64)
             if scale is not None and grads:
                 torch._foreach_mul_(grads, scale)
+            if not cfg.zero_grad:  # the forgotten zero_grad: this update's mean gradient plus all earlier ones
+                if carried is not None:
+                    for p, old in zip(params, carried):
+                        if p.grad is not None and old is not None:
+                            p.grad.add_(old)
+                carried = [None if p.grad is None else p.grad.detach().clone() for p in params]
             if grad_hook is not None:
                 grad_hook(step + 1, model)
             if cfg.grad_clip:

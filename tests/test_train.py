@@ -240,3 +240,107 @@ def test_resume_restores_cuda_rng_for_the_gpus_present(monkeypatch):
     calls.clear()
     train_module._set_rng_state(base, gen, reseed=7)  # saved on a CPU-only machine
     assert calls == [("seed", 0, 7), ("seed", 1, 8)]
+
+
+def _toy_run(toy_model, **overrides):
+    """The toy regression (w * x against 2) trained by ``train`` with ``overrides`` (a constant rate)."""
+    cfg = TrainConfig(**{**dict(max_iters=20, learning_rate=0.01, min_lr=0.01, warmup_iters=0, weight_decay=0.0,
+                                grad_clip=None, eval_interval=1, eval_iters=1, progress=False), **overrides})
+    return train(toy_model, _toy_batches(), cfg)
+
+
+@pytest.mark.parametrize("name, cls", [("adamw", torch.optim.AdamW), ("adam", torch.optim.Adam),
+                                       ("sgd", torch.optim.SGD), ("rmsprop", torch.optim.RMSprop)])
+def test_optimizer_choice_keeps_the_groups(tiny_config, name, cls):
+    model = _model(tiny_config)
+    opt = configure_optimizer(model, TrainConfig(optimizer=name, weight_decay=0.1, momentum=0.5))
+    assert type(opt) is cls
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    if name == "sgd":
+        assert decay["momentum"] == 0.5
+
+
+def test_sgd_follows_the_momentum_recursion(toy_model):
+    """Loss (w x - y)^2 on the toy batches; SGD with momentum m: v <- m v + g, w <- w - lr v."""
+    result = _toy_run(toy_model, optimizer="sgd", momentum=0.9, max_iters=3)
+    x, y = _toy_batches()("train", None)
+    w, v = 0.0, 0.0
+    for _ in range(3):
+        g = float((2 * (w * x - y) * x).mean())
+        v = 0.9 * v + g
+        w -= 0.01 * v
+    assert toy_model.w.item() == pytest.approx(w, rel=1e-5)
+    assert result.steps_done == 3
+
+
+def test_step_schedule_and_plateau_rule():
+    cfg = TrainConfig(max_iters=100, learning_rate=1.0, min_lr=0.0, warmup_iters=0, lr_schedule="step",
+                      step_size=30, step_gamma=0.1)
+    assert [lr_at(i, cfg) for i in (0, 29, 30, 59, 60, 99)] == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.001])
+    warm = TrainConfig(max_iters=100, learning_rate=1.0, min_lr=0.0, warmup_iters=4, lr_schedule="plateau")
+    assert lr_at(0, warm) == pytest.approx(0.2) and lr_at(50, warm) == 1.0
+
+
+def test_plateau_matches_torch_reduce_lr_on_plateau():
+    """The rule applied to a validation curve gives the rates torch's scheduler gives on the same values."""
+    vals = [5.0, 4.0, 4.0, 3.9999, 4.1, 3.0, 3.0, 3.0, 3.0, 2.0, 2.5, 2.5]
+
+    class Scripted(torch.nn.Module):  # validation loss read from the script, one value per evaluation
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+            self.evals = 0
+
+        def forward(self, x, y, loss_fn=None, reduction="sum"):
+            if not self.training and x == "val":
+                self.evals += 1
+                return None, self.w.sum() * 0 + vals[self.evals - 1]
+            return None, (self.w * 0 + 1).sum()
+
+    model = Scripted()
+    cfg = TrainConfig(max_iters=len(vals) - 1, learning_rate=1.0, min_lr=0.0, warmup_iters=0, weight_decay=0.0,
+                      grad_clip=None, eval_interval=1, eval_iters=1, lr_schedule="plateau", plateau_factor=0.5,
+                      plateau_patience=1, plateau_threshold=1e-4, progress=False)
+    result = train(model, lambda split, gen: (split, split), cfg, batch_loss=lambda m, b: (m(*b)[1], 1))
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=1, threshold=1e-4)
+    expected = []
+    for v in vals[:-1]:  # evaluation at step s sets the rate of update s + 1
+        sched.step(v)
+        expected.append(opt.param_groups[0]["lr"])
+    assert result.history.lr == pytest.approx(expected)
+
+
+def test_forgotten_zero_grad_sums_past_gradients(corpus, tiny_config):
+    """zero_grad=False: the gradient the optimizer sees at update t is the sum of the mean gradients of
+    updates 1..t, what a loop that never clears .grad computes; the default clears it."""
+    get_batch = corpus.batch_fn(4, tiny_config.block_size)
+    cfg = TrainConfig(max_iters=3, eval_iters=0, warmup_iters=0, grad_clip=None, progress=False, optimizer="sgd",
+                      learning_rate=1e-9, min_lr=1e-9, momentum=0.0)
+    fresh, kept = {}, {}
+    train(_model(tiny_config), get_batch, cfg, grad_hook=_capture_grads(fresh))
+    carried = {}
+    result = train(_model(tiny_config), get_batch, replace_cfg(cfg, zero_grad=False), grad_hook=_capture_grads(carried))
+    # with a rate of 1e-9 the weights barely move, so each update's own gradient is the same in both runs
+    for step in (1, 2, 3):
+        for name, g in carried[step].items():
+            assert torch.allclose(g, sum(fresh[s][name] for s in range(1, step + 1)), atol=1e-5)
+    total = torch.cat([sum(fresh[s][n] for s in (1, 2, 3)).flatten() for n in fresh[1]])
+    assert result.history.grad_norm[2] == pytest.approx(float(total.norm()), rel=1e-4)
+
+
+def replace_cfg(cfg, **changes):
+    from dataclasses import replace
+
+    return replace(cfg, **changes)
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    (dict(optimizer="lion"), "optimizer"), (dict(lr_schedule="linear"), "lr_schedule"),
+    (dict(step_size=0), "step_size"), (dict(plateau_factor=1.0), "plateau_factor"),
+    (dict(lr_schedule="plateau", eval_iters=0), "plateau"), (dict(momentum=1.0), "momentum"),
+])
+def test_new_config_validation(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        TrainConfig(**kwargs)

@@ -51,6 +51,59 @@ class LRRangeResult:
         slope = np.gradient(s[start:end], np.log(self.lrs[start:end]))
         return self.lrs[start + int(np.argmin(slope))]
 
+    def min_over_ten_lr(self) -> float:
+        """fastai's ``minimum`` suggestion: the rate at the lowest smoothed loss, divided by 10."""
+        return self.min_loss_lr / 10
+
+    def valley_lr(self) -> float:
+        """fastai's ``valley`` suggestion (``fastai.callback.schedule.valley``): the longest decreasing
+        subsequence of the smoothed losses, and the rate halfway along its span (``start + int(s) +
+        int(s / 2)`` with ``s`` a third of the span). fastai drops the first tenth and the last five
+        points of the curve first; so does this."""
+        n = len(self.smoothed)
+        lo, hi = n // 10, max(n - 5, n // 10 + 2)
+        losses = np.asarray(self.smoothed[lo:hi], dtype=float)
+        lrs = self.lrs[lo:hi]
+        m = len(losses)
+        if m < 2 or not np.all(np.isfinite(losses)):
+            raise ValueError(f"valley needs at least 2 finite smoothed losses after trimming, got {m}")
+        lds = [1] * m
+        max_start = max_end = 0
+        for i in range(1, m):
+            for j in range(i):
+                if losses[i] < losses[j] and lds[i] < lds[j] + 1:
+                    lds[i] = lds[j] + 1
+                if lds[max_end] < lds[i]:
+                    max_end = i
+                    max_start = max_end - lds[max_end]
+        sections = (max_end - max_start) / 3
+        return lrs[max_start + int(sections) + int(sections / 2)]
+
+    @classmethod
+    def from_losses(cls, lrs, losses, smoothing: float = 0.98, diverge_factor: float = 4.0) -> "LRRangeResult":
+        """The result :func:`lr_range_test` would have returned had it seen these batch losses at these
+        rates: smoothed the same way and cut where the smoothed loss first exceeds ``diverge_factor`` times
+        its best (or a loss is not finite). Reads one model's curve out of a test run on many models side
+        by side, where the joint test ran to the end."""
+        lrs, losses = list(map(float, lrs)), list(map(float, losses))
+        if len(lrs) != len(losses) or len(lrs) < 2:
+            raise ValueError(f"lrs and losses must be equally long with at least 2 entries, got {len(lrs)}, {len(losses)}")
+        avg, best, out, reason = 0.0, math.inf, [], "end_lr"
+        for i, value in enumerate(losses):
+            if not math.isfinite(value):
+                out.append(math.nan)
+                reason = "non-finite"
+                break
+            avg = smoothing * avg + (1 - smoothing) * value
+            smooth = avg / (1 - smoothing ** (i + 1))
+            out.append(smooth)
+            best = min(best, smooth)
+            if smooth > diverge_factor * best:
+                reason = "diverged"
+                break
+        k = len(out)
+        return cls(lrs[:k], losses[:k], out, reason, diverge_factor)
+
 
 def next_batch_loss(get_batch, seed: int = 0, batch_loss=None) -> Callable[[nn.Module], torch.Tensor]:
     """A loss for :func:`lr_range_test` from the same pieces :func:`minigpt.train.train` takes: each call
