@@ -110,6 +110,7 @@ class ClassificationTask:
         split, idx = batch
         X, y = (self.X_val, self.y_val) if split == "val" else (self.X_train, self.y_train)
         if model.training and idx is not None:
+            idx = idx.to(X.device)
             if self.problems:
                 X = X.gather(1, idx[..., None].expand(-1, -1, X.shape[-1]))
                 y = y.gather(1, idx)
@@ -269,6 +270,45 @@ def guide_diagnosis(run: RunCurves, train_acc: float, val_acc: float) -> str:
     if capacity in ("overfitting", "underfitting"):
         return capacity
     return guide_convergence_rule(run.eval_train)
+
+
+@torch.no_grad()
+def guide_landscape(model: nn.Module, evaluate_loss, n: int = 100, scale: float = 0.01,
+                    generator: torch.Generator | None = None) -> tuple[np.ndarray, str]:
+    """The notes' ``loss_landscape_analysis``: the loss at ``n`` random perturbations that add Gaussian
+    noise of standard deviation ``scale`` to every parameter, and its verdict, "rugged" when the losses'
+    standard deviation exceeds a tenth of their mean, else "smooth". The weights are restored after."""
+    saved = [p.detach().clone() for p in model.parameters()]
+    was = model.training
+    model.eval()
+    losses = []
+    try:
+        for _ in range(n):
+            for p, p0 in zip(model.parameters(), saved):
+                p.copy_(p0 + scale * torch.randn(p0.shape, generator=generator, dtype=p0.dtype))
+            losses.append(float(evaluate_loss(model)))
+    finally:
+        for p, p0 in zip(model.parameters(), saved):
+            p.copy_(p0)
+        model.train(was)
+    losses = np.asarray(losses)
+    return losses, "rugged" if losses.std() / losses.mean() > 0.1 else "smooth"
+
+
+@torch.no_grad()
+def rescale_relu_mlp(model: nn.Module, c: float) -> nn.Module:
+    """A copy of a one-hidden-layer ReLU :class:`minigpt.small_models.MLP` computing the same function with
+    the first layer (``w1``, ``b1``) multiplied by ``c > 0`` and ``w2`` divided by it
+    (``relu(c z) = c relu(z)``): same predictions, different weight norms."""
+    import copy
+
+    if not c > 0:
+        raise ValueError(f"c must be > 0, got {c}")
+    out = copy.deepcopy(model)
+    out.w1.mul_(c)
+    out.b1.mul_(c)
+    out.w2.div_(c)
+    return out
 
 
 def smoothed(values, window: int = 20) -> np.ndarray:

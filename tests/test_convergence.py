@@ -150,3 +150,17 @@ def test_setup_scales():
     assert small.n_seeds >= 5 and full.n_seeds >= small.n_seeds and full.digits_run.max_iters > small.digits_run.max_iters
     with pytest.raises(ValueError, match="scale"):
         cv.convergence_setup("huge")
+
+
+def test_rescaled_relu_net_is_the_same_function_and_guide_landscape_restores():
+    X, y = _data()
+    net = MLP(5, 4, 3, generator=torch.Generator().manual_seed(0))
+    big = cv.rescale_relu_mlp(net, 4.0)
+    assert torch.allclose(big(X), net(X), atol=1e-12) and big.w1.norm() > 3.9 * net.w1.norm()
+    before = [p.detach().clone() for p in net.parameters()]
+    losses, verdict = cv.guide_landscape(net, lambda m: F.cross_entropy(m(X), y), n=5,
+                                         generator=torch.Generator().manual_seed(0))
+    assert len(losses) == 5 and verdict in ("rugged", "smooth")
+    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
+    with pytest.raises(ValueError, match="c must"):
+        cv.rescale_relu_mlp(net, 0.0)

@@ -190,3 +190,32 @@ def test_gradient_flow_full(corpus):
         result = train(model, get_batch, config, grad_hook=recorder)
         assert result.steps_done == 2
         assert "no gradient" in diagnostic_report(gradients=recorder.last, reference=recorder.first, history=result)
+
+
+def test_convergence_full(corpus):
+    from minigpt import convergence as cv
+    from minigpt.diagnostics import lr_range_test, next_batch_loss
+
+    setup = cv.convergence_setup("full")
+    assert setup.n_seeds == 10 and setup.gpt.n_embd == 128
+    digits = load_stacked(load_digits, list(range(setup.n_seeds)))
+    to = lambda t: t.to(DEVICE)
+    two = dict(max_iters=2, eval_interval=1)
+    for kwargs in (dict(optimizer="sgd"), dict(optimizer="adam", weight_decay=0.1), dict(optimizer="rmsprop"),
+                   dict(optimizer="adamw", zero_grad=False), dict(batch_size=1), dict(loss="naive_bce"), dict(l1=1e-3)):
+        task_kwargs = {k: kwargs.pop(k) for k in ("batch_size", "loss", "l1") if k in kwargs}
+        task = cv.ClassificationTask(to(digits.X_train), to(digits.y_train), to(digits.X_val), to(digits.y_val),
+                                     task_kwargs.pop("batch_size", setup.batch_size), **task_kwargs)
+        net = MLP(64, setup.hidden, 10, problems=setup.n_seeds, dtype=torch.float32).to(DEVICE)
+        result = train(net, task.get_batch, replace(setup.digits_run, **two, **kwargs), batch_loss=task.batch_loss)
+        assert result.steps_done <= 2 and task.curve("eval_val").shape[1] == setup.n_seeds
+    task = cv.ClassificationTask(to(digits.X_train), to(digits.y_train), to(digits.X_val), to(digits.y_val), 4)
+    joint = lr_range_test(net, next_batch_loss(task.get_batch, 0, task.batch_loss), num_steps=3, diverge_factor=1e9)
+    assert len(cv.range_tests(task, joint.lrs)) == setup.n_seeds
+    get_batch = corpus.batch_fn(2, setup.gpt.block_size, device=DEVICE)
+    for schedule in (dict(), dict(lr_schedule="step", step_size=1), dict(lr_schedule="plateau", plateau_patience=0),
+                     dict(warmup_iters=1, min_lr=1e-4)):
+        model = GPT(setup.gpt).to(DEVICE)
+        result = train(model, get_batch, replace(setup.gpt_run, max_iters=2, eval_interval=1, eval_iters=1, **schedule))
+        assert result.steps_done == 2
+    lr_range_test(model, next_batch_loss(get_batch, 0), num_steps=3, grad_clip=1.0)
