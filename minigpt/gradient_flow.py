@@ -127,7 +127,8 @@ class GradientFlowSetup:
     ``gpt`` is the character GPT for the transformer experiments (its ``n_layer`` is replaced by each of
     ``depths``); ``batch_size`` its batch. ``mlp_depths``, ``mlp_width``: the plain MLPs on digits.
     ``ln_run``: the pre-LN/post-LN runs at a high learning rate (with and without warmup); ``sweep_run``
-    and ``lrs``: the learning-rate sweep; ``clip_run`` and ``clips``: the clipping runs;
+    and ``lrs``: the learning-rate sweep; ``clip_run`` and ``clips``: the clipping runs; ``short_run``: the
+    short runs at the book's learning rate that follow each block's gradient in the deepest model;
     The diagnostics report's healthy and faulty runs use ``sweep_run`` at the base learning rate.
     """
 
@@ -142,6 +143,7 @@ class GradientFlowSetup:
     lrs: tuple[float, ...]
     clip_run: TrainConfig
     clips: tuple[float | None, ...]
+    short_run: TrainConfig
     n_seeds: int = 3
     n_init_seeds: int = 5
     init_batches: int = 4
@@ -170,5 +172,6 @@ def gradient_flow_setup(scale: str) -> GradientFlowSetup:
         lrs=(1e-3, 1e-2, 1e-1, 1.0),
         clip_run=TrainConfig(max_iters=100 * k, warmup_iters=10 * k, eval_interval=100 * k, eval_iters=10, **quiet),
         clips=(0.2, 0.5, 1.0, None),
+        short_run=TrainConfig(max_iters=40 * k, warmup_iters=5 * k, eval_iters=0, **quiet),
         n_seeds=seeds, n_init_seeds=2 * seeds - 1 if scale == "small" else 2 * seeds,
     )
