@@ -184,7 +184,8 @@ def test_gradient_flow_full(corpus):
     two = dict(max_iters=2, eval_interval=1, progress=False)
     for config in (replace(setup.ln_run, warmup_iters=setup.ln_warmup, **two),
                    replace(setup.sweep_run, learning_rate=max(setup.lrs), min_lr=max(setup.lrs), **two),
-                   replace(setup.clip_run, grad_clip=min(c for c in setup.clips if c), warmup_iters=1, eval_iters=1, **two)):
+                   replace(setup.clip_run, grad_clip=min(c for c in setup.clips if c), warmup_iters=1, eval_iters=1, **two),
+                   replace(setup.short_run, warmup_iters=1, **two)):
         model, recorder = GPT(replace(setup.gpt, n_layer=setup.ln_depth, norm_position="post")).to(DEVICE), GradientRecorder()
         detach_output(model.transformer.h[0])
         result = train(model, get_batch, config, grad_hook=recorder)
