@@ -221,7 +221,7 @@ class RandomLossWeighting:
         L = _stack(losses)
         if len(L) != self.n_tasks:
             raise ValueError(f"losses must hold {self.n_tasks} task losses, got {len(L)}")
-        z = torch.randn(self.n_tasks, generator=self.generator)
+        z = torch.randn(self.n_tasks, generator=self.generator, device="cpu")  # the generator is a CPU one
         self._w = torch.softmax(z, dim=0).to(L.device)
         return (self._w.to(L.dtype) * L).sum()
 
