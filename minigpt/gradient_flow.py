@@ -8,6 +8,8 @@ injections for the diagnostics report, and the chapter's setup at each scale.
   pass of the mean cross-entropy, input layer first.
 - :func:`block_gradient_norms`: a GPT's gradient norm per transformer block (all its parameters
   together), averaged over a few batches, at the current weights, without changing them.
+- :func:`training_block_gradient_norms`: train a GPT through :func:`minigpt.train.train` and return each
+  block's gradient norm averaged over the run and measured again at the trained weights.
 - :func:`detach_output` and :func:`nan_in_embedding`: forward hooks that break a model on purpose.
 """
 
@@ -16,13 +18,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import SCALES
+from .diagnostics import GradientRecorder
 from .model import GPTConfig
-from .train import TrainConfig
+from .train import TrainConfig, train
 
 ACTIVATIONS = {"sigmoid": torch.sigmoid, "tanh": torch.tanh, "relu": torch.relu, "gelu": F.gelu}
 
@@ -99,6 +103,30 @@ def block_gradient_norms(model: nn.Module, batches) -> list[float]:
             sums[i] += math.sqrt(sum(float(p.grad.norm()) ** 2 for p in block.parameters() if p.grad is not None))
     model.zero_grad(set_to_none=True)
     return [s / len(batches) for s in sums]
+
+
+def training_block_gradient_norms(model: nn.Module, get_batch, config: TrainConfig, batches, *,
+                                  every: int = 5) -> tuple[list[float], list[float]]:
+    """Train a GPT with :func:`minigpt.train.train` and follow each transformer block's gradient norm.
+
+    Args:
+        model: a :class:`minigpt.model.GPT` (its blocks are ``model.transformer.h``); it is trained in place.
+        get_batch, config: passed to :func:`minigpt.train.train`.
+        batches: ``(x, y)`` batches for the measurement at the trained weights (as in
+            :func:`block_gradient_norms`).
+        every: record the blocks' gradient norms (before clipping) every ``every`` updates.
+
+    Returns:
+        ``(during, after)``, block 0 first: ``during[b]`` is block ``b``'s gradient norm (all its parameters
+        together) averaged over the recorded updates; ``after[b]`` is :func:`block_gradient_norms` at the
+        weights the run ends with.
+    """
+    recorder = GradientRecorder(every=every)
+    train(model, get_batch, config, grad_hook=recorder)
+    series = recorder.group_series(depth=3)
+    n_blocks = len(model.transformer.h)
+    during = [float(np.mean(series[f"transformer.h.{b}"])) for b in range(n_blocks)]
+    return during, block_gradient_norms(model, batches)
 
 
 def detach_output(module: nn.Module):

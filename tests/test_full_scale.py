@@ -191,6 +191,12 @@ def test_gradient_flow_full(corpus):
         result = train(model, get_batch, config, grad_hook=recorder)
         assert result.steps_done == 2
         assert "no gradient" in diagnostic_report(gradients=recorder.last, reference=recorder.first, history=result)
+    from minigpt.gradient_flow import training_block_gradient_norms
+
+    model = GPT(replace(setup.gpt, n_layer=max(setup.depths), norm_position="post")).to(DEVICE)
+    during, after = training_block_gradient_norms(model, get_batch, replace(setup.short_run, warmup_iters=1, **two),
+                                                  [get_batch("train", g)], every=1)
+    assert len(during) == len(after) == max(setup.depths)
 
 
 def test_convergence_full(corpus):

@@ -78,3 +78,29 @@ def test_block_norms_hooks_and_setup(tiny_config):
     assert full.gpt.n_embd > small.gpt.n_embd and full.n_seeds >= small.n_seeds >= 3
     with pytest.raises(ValueError, match="scale"):
         gradient_flow_setup("huge")
+
+
+def test_training_block_gradient_norms_trains_and_measures(tiny_config):
+    from minigpt.diagnostics import GradientRecorder
+    from minigpt.gradient_flow import training_block_gradient_norms
+    from minigpt.train import TrainConfig, train
+
+    def get_batch(split, generator):
+        x = torch.randint(65, (2, 8), generator=generator)
+        return x, x
+
+    config = TrainConfig(max_iters=4, warmup_iters=0, eval_iters=0, progress=False, seed=3)
+    batches = [get_batch("train", torch.Generator().manual_seed(1))]
+    torch.manual_seed(0)
+    model = GPT(tiny_config)
+    start = block_gradient_norms(model, batches)
+    during, after = training_block_gradient_norms(model, get_batch, config, batches, every=2)
+    assert len(during) == len(after) == tiny_config.n_layer and all(v > 0 for v in during + after)
+    assert after == pytest.approx(block_gradient_norms(model, batches))  # measured at the trained weights
+    assert after != pytest.approx(start)  # which the run moved
+    # the same run by hand: the recorder's per-block norms, averaged over the recorded updates
+    torch.manual_seed(0)
+    twin, recorder = GPT(tiny_config), GradientRecorder(every=2)
+    train(twin, get_batch, config, grad_hook=recorder)
+    series = recorder.group_series(depth=3)
+    assert during == pytest.approx([float(series[f"transformer.h.{b}"].mean()) for b in range(tiny_config.n_layer)])
