@@ -344,13 +344,13 @@ class ConvergenceSetup:
     gpt_lr_grid: tuple[float, ...]
     gpt_range_steps: int
     n_seeds: int = 5
-    gpt_seeds: int = 3
+    gpt_seeds: int = 5
     fault_steps: int = 300
 
 
 def convergence_setup(scale: str) -> ConvergenceSetup:
     """``small``: a 32-unit MLP on digits (batch 32, 300 updates, 5 splits) and a 2-layer, 48-wide
-    character GPT (block 32, batch 16, 150 updates, 3 seeds). ``full``: 64 units, 600 updates, 10 splits;
+    character GPT (block 32, batch 16, 150 updates, 5 seeds). ``full``: 64 units, 600 updates, 10 splits;
     a 4-layer, 128-wide GPT (block 64, batch 32), 1,000 updates, 5 seeds."""
     if scale not in SCALES:
         raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
@@ -362,7 +362,7 @@ def convergence_setup(scale: str) -> ConvergenceSetup:
     opt_grids = {"SGD-momentum": lr_grid[2:], "Adam": lr_grid, "AdamW": lr_grid, "RMSprop": lr_grid}
     if scale == "small":
         gpt, gpt_batch, gpt_steps, gpt_seeds = GPTConfig(block_size=32, vocab_size=65, n_layer=2, n_head=4,
-                                                         n_embd=48), 16, 150, 3
+                                                         n_embd=48), 16, 150, 5
     else:
         gpt, gpt_batch, gpt_steps, gpt_seeds = GPTConfig(block_size=64, vocab_size=65, n_layer=4, n_head=4,
                                                          n_embd=128), 32, 1000, 5

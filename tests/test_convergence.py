@@ -148,6 +148,7 @@ def test_guide_rules_as_written():
 def test_setup_scales():
     small, full = cv.convergence_setup("small"), cv.convergence_setup("full")
     assert small.n_seeds >= 5 and full.n_seeds >= small.n_seeds and full.digits_run.max_iters > small.digits_run.max_iters
+    assert small.gpt_seeds >= 5 and full.gpt_seeds >= small.gpt_seeds  # the chapter reports intervals over them
     with pytest.raises(ValueError, match="scale"):
         cv.convergence_setup("huge")
 
