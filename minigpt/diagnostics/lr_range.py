@@ -88,21 +88,36 @@ class LRRangeResult:
         lrs, losses = list(map(float, lrs)), list(map(float, losses))
         if len(lrs) != len(losses) or len(lrs) < 2:
             raise ValueError(f"lrs and losses must be equally long with at least 2 entries, got {len(lrs)}, {len(losses)}")
-        avg, best, out, reason = 0.0, math.inf, [], "end_lr"
-        for i, value in enumerate(losses):
-            if not math.isfinite(value):
-                out.append(math.nan)
-                reason = "non-finite"
-                break
-            avg = smoothing * avg + (1 - smoothing) * value
-            smooth = avg / (1 - smoothing ** (i + 1))
+        tracker, out, reason = _DivergenceTracker(smoothing, diverge_factor), [], "end_lr"
+        for value in losses:
+            smooth, stop = tracker.update(value)
             out.append(smooth)
-            best = min(best, smooth)
-            if smooth > diverge_factor * best:
-                reason = "diverged"
+            if stop:
+                reason = stop
                 break
         k = len(out)
         return cls(lrs[:k], losses[:k], out, reason, diverge_factor)
+
+
+class _DivergenceTracker:
+    """The range test's stopping rule, shared by :func:`lr_range_test` and :meth:`LRRangeResult.from_losses`:
+    fastai's bias-corrected moving average of the batch losses, stopping once it exceeds ``diverge_factor``
+    times its lowest value so far or a loss is not finite."""
+
+    def __init__(self, smoothing: float, diverge_factor: float):
+        self.smoothing, self.diverge_factor = smoothing, diverge_factor
+        self.avg, self.best, self.count = 0.0, math.inf, 0
+
+    def update(self, value: float) -> tuple[float, str | None]:
+        """Feed one batch loss; return its smoothed value (nan if the loss is not finite) and the reason
+        to stop (``"non-finite"``, ``"diverged"``) or None."""
+        if not math.isfinite(value):
+            return math.nan, "non-finite"
+        self.count += 1
+        self.avg = self.smoothing * self.avg + (1 - self.smoothing) * value
+        smooth = self.avg / (1 - self.smoothing ** self.count)
+        self.best = min(self.best, smooth)
+        return smooth, ("diverged" if smooth > self.diverge_factor * self.best else None)
 
 
 def next_batch_loss(get_batch, seed: int = 0, batch_loss=None) -> Callable[[nn.Module], torch.Tensor]:
@@ -156,7 +171,7 @@ def lr_range_test(model: nn.Module, batch_loss: Callable[[nn.Module], torch.Tens
     params = [p for p in model.parameters() if p.requires_grad]
     ratio = end_lr / start_lr
     lrs, losses, smoothed = [], [], []
-    avg, best, stop_reason = 0.0, math.inf, "end_lr"
+    tracker, stop_reason = _DivergenceTracker(smoothing, diverge_factor), "end_lr"
     model.train()
     try:
         for i in range(num_steps):
@@ -170,16 +185,10 @@ def lr_range_test(model: nn.Module, batch_loss: Callable[[nn.Module], torch.Tens
             value = float(loss.detach())
             lrs.append(lr)
             losses.append(value)
-            if not math.isfinite(value):
-                smoothed.append(math.nan)
-                stop_reason = "non-finite"
-                break
-            avg = smoothing * avg + (1 - smoothing) * value
-            smooth = avg / (1 - smoothing ** (i + 1))
+            smooth, stop = tracker.update(value)
             smoothed.append(smooth)
-            best = min(best, smooth)
-            if smooth > diverge_factor * best:
-                stop_reason = "diverged"
+            if stop:
+                stop_reason = stop
                 break
             loss.backward()
             if grad_clip:
