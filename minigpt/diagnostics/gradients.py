@@ -279,7 +279,8 @@ def _flag_history(history) -> tuple[list[str], list[str]]:
 def diagnostic_report(model: nn.Module | None = None, *, gradients: list[GradientStats] | None = None,
                       parameters: list[ParameterStats] | None = None, losses: LossTracker | None = None,
                       history=None, reference: list[GradientStats] | None = None, window: int = 50,
-                      ratio_factor: float = 100.0, growth_factor: float = 5.0) -> str:
+                      ratio_factor: float = 100.0, growth_factor: float = 5.0,
+                      latent: tuple[torch.Tensor, torch.Tensor] | None = None) -> str:
     """A readable text report of gradients, weights, loss components and a training run, with flags.
 
     Pass a model (its current gradients and weights are measured) or precomputed statistics; for a run,
@@ -293,13 +294,15 @@ def diagnostic_report(model: nn.Module | None = None, *, gradients: list[Gradien
     - a weight matrix whose norm grew more than ``growth_factor`` times since ``reference`` (updates too
       large for the weights: the learning rate, usually);
     - a run that stopped on a non-finite loss or gradient, or whose training loss ended above its start;
-    - a loss component that is non-finite, or that holds more than 90% of the tracked total.
+    - a loss component that is non-finite, or that holds more than 90% of the tracked total;
+    - with ``latent=(mu, logvar)``, a VAE's posteriors (N, D) over held-out inputs: posterior collapse, no
+      active latent dimension or a total KL under 0.1 nats (:func:`minigpt.diagnostics.posterior_collapse`).
     """
     if model is not None:
         gradients = gradient_stats(model) if gradients is None else gradients
         parameters = parameter_stats(model) if parameters is None else parameters
-    if gradients is None and parameters is None and losses is None and history is None:
-        raise ValueError("diagnostic_report needs a model, or gradients, parameters, losses or history")
+    if gradients is None and parameters is None and losses is None and history is None and latent is None:
+        raise ValueError("diagnostic_report needs a model, or gradients, parameters, losses, history or latent")
     if reference is not None and gradients is None:
         raise ValueError("reference needs gradients (statistics of the same run at a later step) to compare with")
     if not growth_factor > 1:
@@ -354,6 +357,12 @@ def diagnostic_report(model: nn.Module | None = None, *, gradients: list[Gradien
                 flags.append(f"loss component {name}: last value {c.last}")
             elif len(summary) > 1 and c.share > 0.9:
                 flags.append(f"loss component {name}: {c.share:.1%} of the tracked total, the others barely count")
+    if latent is not None:
+        from .latent import posterior_collapse
+
+        check = posterior_collapse(*latent)
+        lines.extend(check.lines())
+        flags.extend(check.flags())
     lines.append("Flags:" if flags else "Flags: none")
     lines.extend(f"  - {f}" for f in flags)
     return "\n".join(lines)
