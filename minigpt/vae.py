@@ -20,6 +20,7 @@ D latent dimensions. Losses are in nats per line.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
@@ -28,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .data import CharTokenizer, shakespeare_path
-from .diagnostics import LossTracker
+from .diagnostics import LossTracker, convergence_summary
 from .losses import IGNORE_INDEX
 from .losses.vae import active_units, cyclical_beta, free_bits_kl, gaussian_kl, linear_beta
 from .model import GPT, GPTConfig
@@ -229,14 +230,15 @@ class VAELoss:
     ``KL_term`` is the Gaussian KL, or with ``free_bits > 0`` Kingma et al.'s free-bits KL: per latent
     dimension, ``max(free_bits, batch-mean KL)``. The update counter advances on every call in training
     mode (one micro-batch per update); evaluation calls (eval mode) use the current beta, z = mu, and are
-    not logged. ``log`` holds, per update: ``recon``, ``kl`` (the plain KL, nats per line), ``beta``;
-    ``kl_per_dim`` the batch-mean KL of each dimension.
+    not logged. ``log`` holds, per update: ``recon`` and ``kl`` (the plain KL, unweighted, nats per line);
+    ``betas`` the weight used, ``kl_per_dim`` the batch-mean KL of each dimension.
     """
 
     beta: Schedule | float = 1.0
     free_bits: float = 0.0
     step: int = 0
     log: LossTracker = field(default_factory=LossTracker)
+    betas: list[float] = field(default_factory=list)
     kl_per_dim: list[torch.Tensor] = field(default_factory=list)
 
     def __post_init__(self):
@@ -261,7 +263,8 @@ class VAELoss:
             kl = kl_term = per_dim.sum()
         if model.training:
             self.step += 1
-            self.log.update(self.step, recon=recon.detach().mean(), kl=kl.detach(), beta=beta)
+            self.log.update(self.step, recon=recon.detach().mean(), kl=kl.detach())
+            self.betas.append(beta)
             self.kl_per_dim.append(per_dim.detach().cpu())
         return recon.sum() + beta * B * kl_term, B
 
@@ -280,6 +283,8 @@ class LatentStats:
     active_units: int  # dimensions with Var_x[mu] > 0.01 (Burda et al. 2016)
     neg_elbo: float  # -ELBO at beta = 1: recon with z drawn from q, plus KL (an upper bound on -log p(x))
     chars_per_line: float
+    mu: torch.Tensor  # (N, D) posterior means, for minigpt.diagnostics.posterior_collapse
+    logvar: torch.Tensor
 
     @property
     def shuffle_gap(self) -> float:
@@ -316,7 +321,8 @@ def latent_stats(model: SequenceVAE, lines: LineBatch, *, seed: int = 0, batch_s
     kl_per_dim = gaussian_kl(mu, logvar, reduction="none").mean(dim=0).cpu()
     kl = float(kl_per_dim.sum())
     chars = float((lines.y != IGNORE_INDEX).sum()) / n
-    return LatentStats(recon / n, shuffled / n, kl, kl_per_dim, active_units(mu.cpu()), sampled / n + kl, chars)
+    return LatentStats(recon / n, shuffled / n, kl, kl_per_dim, active_units(mu.cpu()), sampled / n + kl, chars,
+                       mu.cpu(), logvar.cpu())
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -408,3 +414,76 @@ def train_vae(setup: VAESetup, lines: ShakespeareLines, recipe: VAERecipe, seed:
     result = train(model, lines.batch_fn(setup.batch_size, device), config, batch_loss=loss, grad_hook=grad_hook)
     held_out = lines.val.index(torch.arange(min(setup.n_eval_lines, len(lines.val))))
     return VAERun(recipe, seed, result, loss, latent_stats(model, held_out, seed=seed), model)
+
+
+def _longest_stall(val_losses: list[float]) -> int:
+    """The most evaluations in a row that failed to beat the best validation loss so far (min_delta 0)."""
+    best, run, longest = math.inf, 0, 0
+    for v in val_losses:
+        if v < best:
+            best, run = v, 0
+        else:
+            run += 1
+            longest = max(longest, run)
+    return longest
+
+
+class VAERuns:
+    """Trains recipes over seeds once and keeps the runs: the guide's "before" is one run per seed shared
+    by every single change of the ablation, and a recipe that differs from a finished run only in its
+    early-stopping patience, where that run's validation loss never stalled long enough for either
+    patience to act, *is* that run (same seed, same updates) and is not trained again.
+
+    ``runs(recipe, seeds)`` -> list of :class:`VAERun`; ``hooks`` maps a (recipe, seed) to the ``grad_hook``
+    (a :class:`minigpt.diagnostics.GradientRecorder`, say) of a run that is to be inspected.
+    """
+
+    def __init__(self, setup: VAESetup, lines: ShakespeareLines, device: torch.device | str = "cpu"):
+        self.setup, self.lines, self.device = setup, lines, device
+        self.cache: dict[tuple[VAERecipe, int], VAERun] = {}
+        self.reused: list[tuple[VAERecipe, int]] = []  # runs taken from a patience-only twin
+        self.hooks: dict[tuple[VAERecipe, int], Callable] = {}
+        self.seconds = 0.0  # spent training
+
+    def _twin(self, recipe: VAERecipe, seed: int) -> VAERun | None:
+        for (other, s), run in self.cache.items():
+            if s != seed or other.with_(patience=recipe.patience) != recipe:
+                continue
+            patiences = [p for p in (recipe.patience, other.patience) if p is not None]
+            if len(patiences) == 2 and _longest_stall(run.result.history.val_loss) < min(patiences):
+                return run
+        return None
+
+    def __call__(self, recipe: VAERecipe, seeds) -> list[VAERun]:
+        out = []
+        for seed in seeds:
+            key = (recipe, seed)
+            if key not in self.cache:
+                twin = self._twin(recipe, seed)
+                if twin is not None:
+                    self.cache[key] = replace(twin, recipe=recipe)
+                    self.reused.append(key)
+                else:
+                    started = time.perf_counter()
+                    self.cache[key] = train_vae(self.setup, self.lines, recipe, seed, device=self.device,
+                                                grad_hook=self.hooks.get(key))
+                    self.seconds += time.perf_counter() - started
+            out.append(self.cache[key])
+        return out
+
+
+def summarise(run: VAERun) -> dict[str, float]:
+    """One run's numbers, for tables and comparisons over seeds. Held-out (``latent_stats``): ``kl``,
+    ``active``, ``recon``, ``gap`` (z-shuffle gap), ``neg_elbo`` (at beta = 1), all nats per line but
+    ``active``. Training: ``train_loss``, the training objective's mean over the second half of the run
+    (what the guide reads as "the loss"), and ``volatility``, the spread of the per-update objective around
+    its trend there, relative to its mean (:func:`minigpt.diagnostics.convergence_summary`); ``clipped``,
+    the share of updates whose gradient norm exceeded the clip; ``grad_norm``, the median gradient norm
+    before clipping; ``stopped_early`` (0 or 1)."""
+    h, s, clip = run.result.history, run.stats, run.recipe.grad_clip
+    tail = convergence_summary(h.step, h.loss, window=max(5, len(h.loss) // 2))
+    norms = torch.tensor(h.grad_norm)
+    return dict(kl=s.kl, active=float(s.active_units), recon=s.recon, gap=s.shuffle_gap, neg_elbo=s.neg_elbo,
+                train_loss=tail.final, volatility=tail.volatility,
+                clipped=float((norms > clip).float().mean()) if clip else 0.0, grad_norm=float(norms.median()),
+                stopped_early=float(run.result.stop_reason == "early_stopping"))

@@ -74,7 +74,8 @@ def test_vae_loss_is_recon_plus_beta_kl_and_logs(lines):
     model.train()
     loss(model, b)
     loss(model, b)
-    assert loss.step == 2 and loss.log.steps == [1, 2] and set(loss.log.values) == {"recon", "kl", "beta"}
+    assert loss.step == 2 and loss.log.steps == [1, 2] and set(loss.log.values) == {"recon", "kl"}
+    assert loss.betas == [0.5, 0.5]
     assert len(loss.kl_per_dim) == 2 and loss.kl_per_dim[0].shape == (4,)
     # free bits: a KL below lambda per dimension costs exactly lambda per dimension and gives no gradient
     with torch.no_grad():
@@ -125,7 +126,7 @@ def test_train_vae_through_the_training_loop(lines):
                     eval_interval=3, n_eval_lines=32)
     run = train_vae(setup, lines, VAERecipe(lr=1e-3, schedule="linear", free_bits=0.1), seed=1)
     assert run.result.steps_done == 6 and run.loss.log.steps == list(range(1, 7))
-    assert run.loss.log.values["beta"][0] == 0.0 and run.loss.log.values["beta"][-1] > 0
+    assert run.loss.betas[0] == 0.0 and run.loss.betas[-1] > 0
     again = train_vae(setup, lines, VAERecipe(lr=1e-3, schedule="linear", free_bits=0.1), seed=1)
     assert again.result.history.loss == run.result.history.loss  # reproducible on the CPU
 
@@ -142,3 +143,21 @@ def test_posterior_collapse_check():
     assert diagnostic_report(latent=(torch.randn(200, 8), torch.full((200, 8), -2.0))).endswith("Flags: none")
     with pytest.raises(ValueError, match="shape"):
         posterior_collapse(torch.zeros(4, 2), torch.zeros(4, 3))
+
+
+def test_runs_cache_and_patience_twin(lines):
+    from minigpt.vae import VAERuns, summarise
+
+    setup = replace(vae_setup("small"), model=replace(vae_setup("small").model, max_len=16), steps=4,
+                    eval_interval=2, n_eval_lines=32)
+    runs = VAERuns(setup, lines)
+    recipe = VAERecipe(lr=1e-3, patience=8)
+    first = runs(recipe, [0, 1])
+    assert runs(recipe, [0])[0] is first[0] and runs.seconds > 0
+    twin = runs(recipe.with_(patience=15), [0])[0]  # 3 evaluations cannot stall 8 times: the same run
+    assert twin.result is first[0].result and twin.recipe.patience == 15 and len(runs.reused) == 1
+    other = runs(recipe.with_(beta=0.5), [0])[0]
+    assert other.result is not first[0].result
+    numbers = summarise(first[0])
+    assert set(numbers) >= {"kl", "active", "recon", "gap", "neg_elbo", "train_loss", "volatility", "clipped"}
+    assert 0 <= numbers["clipped"] <= 1 and numbers["stopped_early"] == 0
