@@ -177,6 +177,10 @@ class GatedFusionNet(nn.Module):
         for name, values in draws.items():
             setattr(self, name, nn.Parameter(torch.stack(values)))
 
+    def no_weight_decay(self) -> set[str]:
+        """The biases, (P, 1, H) each: vectors per problem, never decayed (see ``train.decay_groups``)."""
+        return {name for name, _ in self.named_parameters() if name.startswith("b_")}
+
     def encoder_parameters(self) -> list[nn.Parameter]:
         return [getattr(self, n) for n in self.ENCODERS]
 

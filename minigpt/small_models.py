@@ -23,6 +23,8 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from .train import decay_groups
+
 LossOnOutputs = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -54,6 +56,10 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.zeros(*lead, n_features, n_outputs, dtype=dtype))
         self.bias = nn.Parameter(torch.zeros(*lead, 1, n_outputs, dtype=dtype))
 
+    def no_weight_decay(self) -> set[str]:
+        """The bias is (1, K) or (B, 1, K): a vector per problem, never decayed."""
+        return {"bias"}
+
     def forward(self, X: torch.Tensor) -> torch.Tensor:
         _check_features(X, self.n_features, self.problems)
         out = X @ self.weight + (self.bias if self.problems is not None else self.bias[0])
@@ -82,6 +88,10 @@ class MLP(nn.Module):
         self.w1, self.b1 = uniform(n_features, hidden, fan_in=n_features), uniform(1, hidden, fan_in=n_features)
         self.w2, self.b2 = uniform(hidden, n_outputs, fan_in=hidden), uniform(1, n_outputs, fan_in=hidden)
 
+    def no_weight_decay(self) -> set[str]:
+        """The biases are (1, H) or (B, 1, H): vectors per network, never decayed."""
+        return {"b1", "b2"}
+
     def forward(self, X: torch.Tensor) -> torch.Tensor:
         _check_features(X, self.n_features, self.problems)
         batched = self.problems is not None
@@ -93,8 +103,8 @@ class MLP(nn.Module):
 def fit_full_batch(model: nn.Module, X: torch.Tensor, y: torch.Tensor, loss_fn: LossOnOutputs, *,
                    steps: int = 1000, lr: float = 0.05, weight_decay: float = 0.0,
                    callback: Callable[[int, nn.Module], None] | None = None, callback_every: int = 1) -> list[float]:
-    """Minimise the mean of ``loss_fn(model(X), y)`` by full-batch Adam (AdamW when ``weight_decay`` > 0),
-    the learning rate decaying from ``lr`` to 0 along a half cosine, which lets non-smooth losses (MAE,
+    """Minimise the mean of ``loss_fn(model(X), y)`` by full-batch Adam (AdamW when ``weight_decay`` > 0,
+    decaying weights but not biases, as :func:`minigpt.train.decay_groups` does), the learning rate decaying from ``lr`` to 0 along a half cosine, which lets non-smooth losses (MAE,
     pinball) settle instead of hopping around their kink. Returns the objective before each step.
 
     For a model of B independent problems (``Linear(..., problems=B)``) the objective is the sum over
@@ -113,7 +123,7 @@ def fit_full_batch(model: nn.Module, X: torch.Tensor, y: torch.Tensor, loss_fn: 
         raise ValueError(f"steps must be a positive int, got {steps!r}")
     if not lr > 0:
         raise ValueError(f"lr must be > 0, got {lr}")
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    opt = torch.optim.AdamW(decay_groups(model, weight_decay), lr=lr)
     history = []
     for step in range(steps):
         if callback is not None and step % callback_every == 0:

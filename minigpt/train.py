@@ -163,21 +163,30 @@ def lr_at(step: int, config: TrainConfig) -> float:
     return config.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (config.learning_rate - config.min_lr)
 
 
+def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Optimizer parameter groups: ``weight_decay`` on every parameter with 2 or more dimensions
+    (matrices, embeddings), none on vectors (biases, LayerNorm gains), nor on any parameter the model
+    names in ``model.no_weight_decay()`` (a set of names from ``named_parameters``, timm's convention):
+    models that hold B networks side by side store a bias as a (B, 1, H) tensor, which only its name
+    tells apart from a weight."""
+    exempt = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # tied weights appear once
+    unknown = exempt - {n for n, _ in named}
+    if unknown:
+        raise ValueError(f"no_weight_decay() names parameters the model does not have: {sorted(unknown)}")
+    decay = [p for n, p in named if p.dim() >= 2 and n not in exempt]
+    no_decay = [p for n, p in named if p.dim() < 2 or n in exempt]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
 def configure_optimizer(model: nn.Module, config: TrainConfig, fused: bool = True) -> torch.optim.Optimizer:
-    """AdamW with two groups: weight decay on every parameter with 2 or more dimensions (matrices,
-    embeddings), none on vectors (biases, LayerNorm gains), whose decay would only fight the
-    normalisation they implement.
+    """AdamW with the two groups of :func:`decay_groups`: weight decay on matrices and embeddings, none on
+    biases and LayerNorm gains, whose decay would only fight the normalisation they implement.
 
     ``config.optimizer`` picks another algorithm with the same groups: ``"adam"`` (``torch.optim.Adam``,
     whose weight decay adds ``weight_decay * w`` to the gradient: L2 regularisation, rescaled by Adam's
     normaliser), ``"sgd"`` (with ``config.momentum``) or ``"rmsprop"`` (smoothing constant ``beta2``)."""
-    params = [p for p in model.parameters() if p.requires_grad]  # tied weights appear once
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [
-        {"params": decay, "weight_decay": config.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+    groups = decay_groups(model, config.weight_decay)
     betas = (config.beta1, config.beta2)
     if config.optimizer == "adam":
         return torch.optim.Adam(groups, lr=config.learning_rate, betas=betas)

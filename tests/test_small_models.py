@@ -213,3 +213,15 @@ def test_dice_score_and_retrieval():
     assert retrieval_accuracy(q, q[[1, 0, 2, 3]]) == 0.5
     with pytest.raises(ValueError, match="one shape"):
         retrieval_accuracy(q, q[:3])
+
+
+def test_fit_full_batch_decays_weights_but_not_biases():
+    """Zero inputs and targets at the bias's optimum give no data gradient, so only the decoupled decay
+    could move a parameter: the weights shrink, the biases stay put."""
+    model = Linear(2, 1, problems=2)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    X, y = torch.zeros(2, 5, 2, dtype=torch.float64), torch.zeros(2, 5, dtype=torch.float64)
+    fit_full_batch(model, X, y, lambda out, t: (out - t) ** 2, steps=3, lr=0.1, weight_decay=0.5)
+    assert torch.all(model.bias == 0)
+    assert torch.all(model.weight < 1.0)

@@ -344,3 +344,25 @@ def replace_cfg(cfg, **changes):
 def test_new_config_validation(kwargs, name):
     with pytest.raises(ValueError, match=name):
         TrainConfig(**kwargs)
+
+
+def test_stacked_networks_decay_weights_but_not_their_biases():
+    """B networks side by side hold each bias as a (B, 1, H) tensor; the model's no_weight_decay() names
+    them, so AdamW decays the matrices alone, as it does for one network."""
+    from minigpt.fusion import GatedFusionNet
+    from minigpt.small_models import MLP
+
+    for model in (MLP(4, 8, 3, problems=2, generator=torch.Generator().manual_seed(0)), GatedFusionNet([0, 1])):
+        decay, no_decay = configure_optimizer(model, TrainConfig(weight_decay=0.1)).param_groups
+        names = {id(p): n for n, p in model.named_parameters()}
+        assert {names[id(p)] for p in no_decay["params"]} == model.no_weight_decay() and no_decay["weight_decay"] == 0
+        assert all(names[id(p)].startswith("w") for p in decay["params"]) and decay["weight_decay"] == 0.1
+
+
+def test_no_weight_decay_must_name_real_parameters():
+    from minigpt.train import decay_groups
+
+    model = torch.nn.Linear(3, 2)
+    model.no_weight_decay = lambda: {"bais"}
+    with pytest.raises(ValueError, match="bais"):
+        decay_groups(model, 0.1)
