@@ -204,22 +204,37 @@ class SequenceVAE(nn.Module):
 Schedule = Callable[[int], float]
 
 
+@dataclass(frozen=True)
+class BetaSchedule:
+    """The KL weight at each update: ``"constant"``; ``"linear"``: KL annealing from 0 to ``beta`` over the
+    first half of the run (Bowman et al. 2016); ``"cyclical"``: 4 cycles over ``steps``, each ramping over
+    its first half (Fu et al. 2019). (A class rather than a closure so that runs can be pickled.)"""
+
+    kind: str
+    steps: int
+    beta: float = 1.0
+
+    def __post_init__(self):
+        if self.kind not in ("constant", "linear", "cyclical"):
+            raise ValueError(f"kind must be 'constant', 'linear' or 'cyclical', got {self.kind!r}")
+        if not self.beta >= 0:
+            raise ValueError(f"beta must be >= 0, got {self.beta}")
+
+    def __call__(self, step: int) -> float:
+        if self.kind == "linear":
+            return linear_beta(step, max(1, self.steps // 2), self.beta)
+        if self.kind == "cyclical":
+            return cyclical_beta(step, self.steps, 4, 0.5, self.beta)
+        return self.beta
+
+
 def constant_beta(beta: float) -> Schedule:
-    if not beta >= 0:
-        raise ValueError(f"beta must be >= 0, got {beta}")
-    return lambda step: beta
+    return BetaSchedule("constant", 1, beta)
 
 
 def beta_schedule(kind: str, steps: int, beta: float = 1.0) -> Schedule:
-    """``"constant"``; ``"linear"``: KL annealing from 0 to ``beta`` over the first half of the run
-    (Bowman et al. 2016); ``"cyclical"``: 4 cycles, each ramping over its first half (Fu et al. 2019)."""
-    if kind == "constant":
-        return constant_beta(beta)
-    if kind == "linear":
-        return lambda step: linear_beta(step, max(1, steps // 2), beta)
-    if kind == "cyclical":
-        return lambda step: cyclical_beta(step, steps, 4, 0.5, beta)
-    raise ValueError(f"kind must be 'constant', 'linear' or 'cyclical', got {kind!r}")
+    """See :class:`BetaSchedule`."""
+    return BetaSchedule(kind, steps, beta)
 
 
 @dataclass
@@ -246,6 +261,13 @@ class VAELoss:
             raise ValueError(f"free_bits must be >= 0, got {self.free_bits}")
         if not callable(self.beta):
             self.beta = constant_beta(float(self.beta))
+
+    def weighted_log(self) -> LossTracker:
+        """The log as the components enter the loss: ``recon`` and ``beta * kl`` (free bits aside)."""
+        out = LossTracker()
+        for i, step in enumerate(self.log.steps):
+            out.update(step, recon=self.log.values["recon"][i], kl=self.betas[i] * self.log.values["kl"][i])
+        return out
 
     def __call__(self, model: SequenceVAE, batch: LineBatch) -> tuple[torch.Tensor, int]:
         B = len(batch)
@@ -416,7 +438,7 @@ def train_vae(setup: VAESetup, lines: ShakespeareLines, recipe: VAERecipe, seed:
     return VAERun(recipe, seed, result, loss, latent_stats(model, held_out, seed=seed), model)
 
 
-def _longest_stall(val_losses: list[float]) -> int:
+def longest_stall(val_losses: list[float]) -> int:
     """The most evaluations in a row that failed to beat the best validation loss so far (min_delta 0)."""
     best, run, longest = math.inf, 0, 0
     for v in val_losses:
@@ -450,7 +472,7 @@ class VAERuns:
             if s != seed or other.with_(patience=recipe.patience) != recipe:
                 continue
             patiences = [p for p in (recipe.patience, other.patience) if p is not None]
-            if len(patiences) == 2 and _longest_stall(run.result.history.val_loss) < min(patiences):
+            if len(patiences) == 2 and longest_stall(run.result.history.val_loss) < min(patiences):
                 return run
         return None
 
@@ -459,7 +481,7 @@ class VAERuns:
         for seed in seeds:
             key = (recipe, seed)
             if key not in self.cache:
-                twin = self._twin(recipe, seed)
+                twin = None if key in self.hooks else self._twin(recipe, seed)  # a hooked run must run
                 if twin is not None:
                     self.cache[key] = replace(twin, recipe=recipe)
                     self.reused.append(key)
