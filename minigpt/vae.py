@@ -503,9 +503,13 @@ def summarise(run: VAERun) -> dict[str, float]:
     the share of updates whose gradient norm exceeded the clip; ``grad_norm``, the median gradient norm
     before clipping; ``stopped_early`` (0 or 1)."""
     h, s, clip = run.result.history, run.stats, run.recipe.grad_clip
-    tail = convergence_summary(h.step, h.loss, window=max(5, len(h.loss) // 2))
+    if len(h.loss) >= 5:
+        tail = convergence_summary(h.step, h.loss, window=max(5, len(h.loss) // 2))
+        train_loss, volatility = tail.final, tail.volatility
+    else:  # too short for a trend
+        train_loss, volatility = float(sum(h.loss) / max(1, len(h.loss))), math.nan
     norms = torch.tensor(h.grad_norm)
     return dict(kl=s.kl, active=float(s.active_units), recon=s.recon, gap=s.shuffle_gap, neg_elbo=s.neg_elbo,
-                train_loss=tail.final, volatility=tail.volatility,
+                train_loss=train_loss, volatility=volatility,
                 clipped=float((norms > clip).float().mean()) if clip else 0.0, grad_norm=float(norms.median()),
                 stopped_early=float(run.result.stop_reason == "early_stopping"))

@@ -226,3 +226,25 @@ def test_convergence_full(corpus):
         result = train(model, get_batch, replace(setup.gpt_run, max_iters=2, eval_interval=1, eval_iters=1, **schedule))
         assert result.steps_done == 2
     lr_range_test(model, next_batch_loss(get_batch, 0), num_steps=3, grad_clip=1.0)
+
+
+def test_vae_full():
+    from minigpt.diagnostics import GradientRecorder, diagnostic_report
+    from minigpt.vae import ShakespeareLines, VAERecipe, VAERuns, guide_recipes, summarise, vae_setup
+
+    setup = vae_setup("full")
+    assert setup.n_seeds >= 5 and setup.model.n_embd == 128 and setup.deep_layers == 2 * setup.model.n_layer
+    lines = ShakespeareLines.load(setup.model.max_len)
+    small = replace(setup, batch_size=2, steps=2, eval_interval=1, eval_iters=1, n_eval_lines=8)
+    runs = VAERuns(small, lines, DEVICE)
+    before, after = guide_recipes(setup)
+    recorder = GradientRecorder(every=1)
+    runs.hooks[(after, 0)] = recorder
+    for recipe in (before, after, VAERecipe(lr=setup.lr), VAERecipe(lr=setup.lr, schedule="linear"),
+                   VAERecipe(lr=setup.lr, schedule="cyclical"), VAERecipe(lr=setup.lr, free_bits=0.5)):
+        run = runs(recipe, [0])[0]
+        assert run.result.steps_done == 2 and len(run.loss.log.steps) == 2
+        assert set(summarise(run)) >= {"kl", "gap", "neg_elbo"}
+    run = runs(after, [0])[0]
+    assert "Latent:" in diagnostic_report(gradients=recorder.last, reference=recorder.first, history=run.result,
+                                          losses=run.loss.log, latent=(run.stats.mu, run.stats.logvar))
