@@ -76,6 +76,8 @@ def test_vae_loss_is_recon_plus_beta_kl_and_logs(lines):
     loss(model, b)
     assert loss.step == 2 and loss.log.steps == [1, 2] and set(loss.log.values) == {"recon", "kl"}
     assert loss.betas == [0.5, 0.5]
+    weighted = loss.weighted_log()
+    assert weighted.values["kl"] == [0.5 * k for k in loss.log.values["kl"]] and weighted.steps == [1, 2]
     assert len(loss.kl_per_dim) == 2 and loss.kl_per_dim[0].shape == (4,)
     # free bits: a KL below lambda per dimension costs exactly lambda per dimension and gives no gradient
     with torch.no_grad():
@@ -156,6 +158,12 @@ def test_runs_cache_and_patience_twin(lines):
     assert runs(recipe, [0])[0] is first[0] and runs.seconds > 0
     twin = runs(recipe.with_(patience=15), [0])[0]  # 3 evaluations cannot stall 8 times: the same run
     assert twin.result is first[0].result and twin.recipe.patience == 15 and len(runs.reused) == 1
+    from minigpt.diagnostics import GradientRecorder
+
+    runs.hooks[(recipe.with_(patience=20), 1)] = recorder = GradientRecorder(every=1)
+    hooked = runs(recipe.with_(patience=20), [1])[0]  # a run with a hook is trained, never borrowed
+    assert hooked.result is not first[1].result and recorder.steps == [1, 2, 3, 4]
+    assert hooked.result.history.loss == first[1].result.history.loss
     other = runs(recipe.with_(beta=0.5), [0])[0]
     assert other.result is not first[0].result
     numbers = summarise(first[0])
