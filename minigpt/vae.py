@@ -69,6 +69,7 @@ class ShakespeareLines:
     train: LineBatch
     val: LineBatch
     max_len: int
+    min_len: int = 8
 
     @classmethod
     def load(cls, max_len: int = 32, min_len: int = 8, train_fraction: float = 0.9) -> "ShakespeareLines":
@@ -78,7 +79,7 @@ class ShakespeareLines:
         tokenizer = CharTokenizer.from_text(text)
         cut = int(len(text) * train_fraction)
         splits = [cls._encode(tokenizer, part, min_len, max_len) for part in (text[:cut], text[cut:])]
-        return cls(tokenizer, splits[0], splits[1], max_len)
+        return cls(tokenizer, splits[0], splits[1], max_len, min_len)
 
     @staticmethod
     def _encode(tokenizer: CharTokenizer, text: str, min_len: int, max_len: int) -> LineBatch:
@@ -366,6 +367,11 @@ class VAESetup:
     n_eval_lines: int  # held-out lines measured by latent_stats
     lr: float  # our model's "after" rate; the guide's "before" is 5x higher (5e-5 -> 1e-5)
 
+    @property
+    def warmup_iters(self) -> int:
+        """Linear warmup before the constant rate: a twentieth of the run."""
+        return max(1, self.steps // 20)
+
 
 def vae_setup(scale: str) -> VAESetup:
     """``small``: a 1-layer, 32-wide encoder and decoder, 16 latent dimensions, lines of up to 32
@@ -430,7 +436,7 @@ def train_vae(setup: VAESetup, lines: ShakespeareLines, recipe: VAERecipe, seed:
     steps = train_overrides.get("max_iters", setup.steps)
     loss = VAELoss(beta_schedule(recipe.schedule, steps, recipe.beta), recipe.free_bits)
     config = TrainConfig(**{**dict(
-        max_iters=setup.steps, learning_rate=recipe.lr, min_lr=recipe.lr, warmup_iters=max(1, setup.steps // 20),
+        max_iters=setup.steps, learning_rate=recipe.lr, min_lr=recipe.lr, warmup_iters=setup.warmup_iters,
         weight_decay=recipe.weight_decay, grad_clip=recipe.grad_clip, eval_interval=setup.eval_interval,
         eval_iters=setup.eval_iters, patience=recipe.patience, seed=seed, progress=False), **train_overrides})
     result = train(model, lines.batch_fn(setup.batch_size, device), config, batch_loss=loss, grad_hook=grad_hook)
