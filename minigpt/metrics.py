@@ -1,6 +1,8 @@
-"""Evaluation metrics: accuracy, F1, PR-AUC, calibration (ECE and reliability diagrams), and the
-coverage of prediction intervals. Inputs are tensors on any one device (CPU, CUDA, MPS); results are
-Python floats, except ``dice_score``'s per-example tensor, which stays on the inputs' device."""
+"""Evaluation metrics: accuracy, F1, PR-AUC, calibration (ECE and reliability diagrams), the
+coverage of prediction intervals, and how a training curve settles (``settling_step``, ``rise_ratio``).
+Inputs are tensors on any one device (CPU, CUDA, MPS); results are Python floats, except
+``dice_score``'s per-example tensor and the curve measures' per-curve tensors, which stay on the inputs'
+device."""
 
 from __future__ import annotations
 
@@ -183,3 +185,53 @@ def retrieval_accuracy(queries: torch.Tensor, keys: torch.Tensor) -> float:
     q = torch.nn.functional.normalize(exact_float(queries), dim=1)
     k = torch.nn.functional.normalize(exact_float(keys), dim=1)
     return exact_float((q @ k.T).argmax(1) == torch.arange(len(q), device=q.device)).mean().item()
+
+
+def _check_curves(curves: torch.Tensor) -> None:
+    if not isinstance(curves, torch.Tensor) or curves.dim() < 1 or curves.shape[-1] < 2:
+        raise ValueError(f"curves must be a tensor (..., T + 1) of values at steps 0 to T, T >= 1, got "
+                         f"{tuple(curves.shape) if isinstance(curves, torch.Tensor) else type(curves).__name__}")
+
+
+def settling_step(curves: torch.Tensor, rtol: float) -> torch.Tensor:
+    """The step from which a curve stays within a relative tolerance of its final value: the smallest ``t``
+    with ``|c_s - c_T| <= rtol * |c_T|`` for every ``s >= t``. A curve that first touches the band and then
+    leaves it again settles only when it comes back for good.
+
+    Args:
+        curves: (..., T + 1) values at steps 0 to T (e.g. training RMSE before each update and after the
+            last, as :func:`minigpt.small_models.fit_full_batch`'s callback records it).
+        rtol: the tolerance, a fraction of the final value (0.01: within 1%).
+
+    Returns:
+        (...) settling steps, float64 (float32 on MPS), between 0 and T.
+    """
+    _check_curves(curves)
+    if not rtol >= 0:
+        raise ValueError(f"rtol must be >= 0, got {rtol}")
+    c = exact_float(curves)
+    final = c[..., -1:]
+    outside = (c - final).abs() > rtol * final.abs()
+    steps = outside.shape[-1]
+    last_outside = steps - 1 - exact_float(outside.flip(-1)).argmax(-1)  # the last step outside the band
+    return torch.where(outside.any(-1), last_outside + 1, torch.zeros_like(last_outside))
+
+
+def rise_ratio(curves: torch.Tensor) -> torch.Tensor:
+    """How far a falling curve goes back up on its way down: the sum of its rises (positive step-to-step
+    changes) over its net fall ``c_0 - c_T``. 0 for a curve that never rises; 0.5 when it climbs back half
+    as much as it falls in all. Scale-free, so curves of different quantities (or losses of different
+    scales) compare.
+
+    Args:
+        curves: (..., T + 1) values at steps 0 to T, each ending below its start.
+
+    Returns:
+        (...) ratios, float64 (float32 on MPS).
+    """
+    _check_curves(curves)
+    c = exact_float(curves)
+    fall = c[..., 0] - c[..., -1]
+    if not bool((fall > 0).all()):
+        raise ValueError("every curve must end below its start (a net fall), for its rises to be measured against it")
+    return torch.diff(c, dim=-1).clamp(min=0).sum(-1) / fall

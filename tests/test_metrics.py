@@ -211,3 +211,27 @@ def test_best_and_tied():
     assert best_and_tied(same)[1] == ["y"]  # float noise is a tie
     with pytest.raises(ValueError, match="empty"):
         best_and_tied({})
+
+
+def test_settling_step_is_the_last_exit_from_the_band():
+    curves = torch.tensor([[4.0, 2.0, 1.05, 1.0, 1.0],  # in the 10% band from step 2 on
+                           [4.0, 1.0, 1.5, 1.02, 1.0],  # touches the band at 1, leaves, back at 3
+                           [1.0, 1.0, 1.0, 1.0, 1.0]])  # always in it
+    assert metrics.settling_step(curves, 0.1).tolist() == [2, 3, 0]
+    assert metrics.settling_step(curves, 0.01).tolist() == [3, 4, 0]
+    assert metrics.settling_step(curves, 0.0).tolist() == [3, 4, 0]
+    stacked = metrics.settling_step(torch.stack([curves, 2 * curves]), 0.1)  # any leading shape, scale-free
+    assert stacked.shape == (2, 3) and stacked[0].tolist() == stacked[1].tolist()
+    with pytest.raises(ValueError, match="rtol"):
+        metrics.settling_step(curves, -0.1)
+    with pytest.raises(ValueError, match="curves"):
+        metrics.settling_step(torch.tensor([1.0]), 0.1)
+
+
+def test_rise_ratio_counts_the_climbs_against_the_net_fall():
+    assert metrics.rise_ratio(torch.tensor([[3.0, 2.0, 1.0]])).tolist() == [0.0]  # monotone
+    assert metrics.rise_ratio(torch.tensor([3.0, 1.0, 2.0, 1.0])).item() == pytest.approx(0.5)  # climbs 1, falls 2 net
+    wiggly = torch.tensor([[3.0, 0.5, 1.5, 1.0], [30.0, 5.0, 15.0, 10.0]])
+    assert metrics.rise_ratio(wiggly).tolist() == pytest.approx([0.5, 0.5])  # scale-free
+    with pytest.raises(ValueError, match="net fall"):
+        metrics.rise_ratio(torch.tensor([1.0, 2.0]))
