@@ -1,4 +1,5 @@
-"""Throughput and quality benchmark on nanoGPT's CPU configuration for character-level Shakespeare.
+"""Throughput and quality benchmark on nanoGPT's CPU configuration for character-level Shakespeare
+(and, with ``--gpu``, its GPU configuration: :func:`run_gpu`).
 
     python -m minigpt.bench --threads 1 2 --seeds 4 --reference-seeds 1337 1338 1339 1340 \
         --out bench/results/bench.json
@@ -44,14 +45,16 @@ def _quantiles(values: list[float]) -> dict:
     return {"median": statistics.median(values), "q1": q[0], "q3": q[2]}
 
 
-def bare_loop_ms(model, get_batch, iters: int, warmup: int = 20, seed: int = 12345) -> dict:
+def bare_loop_ms(model, get_batch, iters: int, warmup: int = 20, seed: int = 12345, fused: bool = False) -> dict:
     """Milliseconds per update of a minimal loop (nanoGPT's: forward, mean cross-entropy, backward, clip,
-    AdamW step), on a copy of the optimizer state so that ``model``'s weights come out unchanged."""
+    AdamW step), on a copy of the optimizer state so that ``model``'s weights come out unchanged.
+    ``fused``: the fused AdamW kernel, as nanoGPT uses on CUDA."""
     import copy
 
     model = copy.deepcopy(model)
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.99))  # nanoGPT's CPU default
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.99),  # nanoGPT's CPU default
+                            **({"fused": True} if fused else {}))
     gen = torch.Generator().manual_seed(seed)
     times = []
     for i in range(warmup + iters):
@@ -180,10 +183,77 @@ def run_one(threads: int, iters: int, seed: int, bare_iters: int) -> dict:
     }
 
 
+# nanoGPT's GPU configuration for character Shakespeare (config/train_shakespeare_char.py) and the
+# validation loss its README reports for it.
+GPU_CONFIG = dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=64, dropout=0.2, max_iters=5000,
+                  learning_rate=1e-3, min_lr=1e-4, warmup_iters=100, beta2=0.99, eval_interval=250, eval_iters=200)
+NANOGPT_GPU_VAL_LOSS = 1.4697
+
+
+def run_gpu(iters: int = 5000, seed: int = 0, bare_iters: int = 200, eval_iters: int = 200, *,
+            device: torch.device | str | None = None, batch_size: int = 64, bare_warmup: int = 20,
+            full_split: bool = True) -> dict:
+    """nanoGPT's GPU configuration (:data:`GPU_CONFIG`: 10.7M parameters, block 256, batch 64, dropout
+    0.2) trained by :func:`minigpt.train.train` on ``device`` (default :func:`minigpt.device`), with
+    nanoGPT's bare loop on the same model timed before and after, as :func:`run_one` does for the CPU
+    configuration. The loop runs in float32 (TF32 products on CUDA, see :func:`minigpt.configure_cuda`);
+    nanoGPT's own script adds bfloat16 autocast and ``torch.compile``, which neither loop here uses."""
+    from .config import configure_cuda
+    from .config import device as default_device
+    from .data import load_shakespeare
+    from .model import GPT, GPTConfig
+    from .train import TrainConfig, train
+
+    dev = torch.device(device) if device is not None else default_device()
+    tf32 = configure_cuda() if dev.type == "cuda" else False
+    c = GPU_CONFIG
+    corpus = load_shakespeare()
+    model_cfg = GPTConfig(block_size=c["block_size"], vocab_size=corpus.vocab_size, n_layer=c["n_layer"],
+                          n_head=c["n_head"], n_embd=c["n_embd"], dropout=c["dropout"])
+    train_cfg = TrainConfig(max_iters=iters, learning_rate=c["learning_rate"], min_lr=c["min_lr"],
+                            warmup_iters=c["warmup_iters"], beta2=c["beta2"], eval_interval=c["eval_interval"],
+                            eval_iters=eval_iters, seed=seed, progress=False)
+    get_batch = corpus.batch_fn(batch_size=batch_size, block_size=c["block_size"], device=dev)
+    torch.manual_seed(seed)
+    model = GPT(model_cfg).to(dev)
+    fused = dev.type == "cuda"
+
+    bare_before = bare_loop_ms(model, get_batch, bare_iters, bare_warmup, fused=fused) if bare_iters else None
+    result = train(model, get_batch, train_cfg)
+    bare_after = bare_loop_ms(model, get_batch, bare_iters, bare_warmup, fused=fused) if bare_iters else None
+
+    steady = [1000 * s for s in result.history.seconds[min(50, len(result.history.seconds) - 1):]]
+    ms = _quantiles(steady) if len(steady) >= 2 else {"median": steady[0], "q1": steady[0], "q3": steady[0]}
+    bare_ms = (bare_before["median"] + bare_after["median"]) / 2 if bare_iters else None
+    final = result.history.val_loss[-1]
+    return {
+        "config": dict(c, max_iters=iters, eval_iters=eval_iters, batch_size=batch_size),
+        "device": str(dev),
+        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor(),
+        "tf32": tf32,
+        "seed": seed,
+        "parameters": model.num_parameters(),
+        "ms_per_iter": ms,
+        "tokens_per_s": batch_size * c["block_size"] / (ms["median"] / 1000),
+        "bare_loop_ms_per_iter_before": bare_before,
+        "bare_loop_ms_per_iter_after": bare_after,
+        "time_vs_bare_loop": ms["median"] / bare_ms if bare_ms else None,
+        "train_seconds": result.seconds,  # evaluations included
+        "bare_loop_seconds_for_the_run": bare_ms * iters / 1000 if bare_ms else None,
+        "val_loss_every_250": dict(zip(result.history.eval_step, result.history.val_loss)),
+        "train_loss_every_250": dict(zip(result.history.eval_step, result.history.train_loss)),
+        "final_val_loss": final,
+        "nanogpt_reported_val_loss": NANOGPT_GPU_VAL_LOSS,
+        "at_most_1_47": final <= 1.47,
+        "final_val_loss_full_split": (full_val_loss(model, corpus.val.to(dev), c["block_size"])
+                                      if full_split else None),
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--iters", type=int, default=2000)
+    parser.add_argument("--iters", type=int, default=None, help="updates (default 2000; 5000 with --gpu)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--bare-iters", type=int, default=200)
     parser.add_argument("--seeds", type=int, default=1,
@@ -192,10 +262,30 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/results/bench.json"))
     parser.add_argument("--reference-seeds", type=int, nargs="*", default=[],
                         help="also train nanoGPT's own loop with these seeds (1337 is nanoGPT's) and compare")
+    parser.add_argument("--gpu", action="store_true",
+                        help="nanoGPT's GPU configuration (GPU_CONFIG) on minigpt.device(), in this process; "
+                             "--iters defaults to its 5000 there, --eval-iters to its 200")
+    parser.add_argument("--eval-iters", type=int, default=200, help="with --gpu: batches per evaluation")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # internal: run in-process
     parser.add_argument("--one-reference", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.iters is None:
+        args.iters = GPU_CONFIG["max_iters"] if args.gpu else 2000
 
+    if args.gpu:
+        run = run_gpu(args.iters, args.seed, args.bare_iters, args.eval_iters)
+        ms = run["ms_per_iter"]
+        bare = (f"bare loop {run['bare_loop_ms_per_iter_before']['median']:.2f} / "
+                f"{run['bare_loop_ms_per_iter_after']['median']:.2f} ms before/after "
+                f"(trainer/bare = {run['time_vs_bare_loop']:.3f})") if args.bare_iters else "no bare loop"
+        print(f"{run['device_name']}: {ms['median']:.2f} ms/iter, {run['tokens_per_s']:.0f} tokens/s; {bare}; "
+              f"{run['train_seconds']:.1f} s in all; "
+              f"val loss {run['final_val_loss']:.4f} (nanoGPT: {NANOGPT_GPU_VAL_LOSS}), "
+              f"{run['final_val_loss_full_split']:.4f} (full split)", flush=True)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(run, indent=2))
+        print(f"wrote {args.out}")
+        return
     if args.one:
         print(json.dumps(run_one(args.threads[0], args.iters, args.seed, args.bare_iters)))
         return

@@ -68,3 +68,15 @@ def test_loss_bench_sweeps_sizes_and_chunks_in_one_process():
                                  vocab=200, repeats=1, hidden=4, chunk=(8, 16), reference="F.linear + F.cross_entropy")
     assert [(r["n"], r["chunk"]) for r in results][::2] == [(32, 8), (32, 16), (64, 8), (64, 16)]
     assert all(r["time_vs_reference"] == 1.0 for r in results if r["loss"] == "F.linear + F.cross_entropy")
+
+
+def test_gpu_configuration_runs_on_any_device():
+    # nanoGPT's GPU model at full size, cut to a few updates of two sequences so that it runs on a CPU.
+    run = bench.run_gpu(iters=3, seed=0, bare_iters=2, eval_iters=1, device="cpu", batch_size=2, bare_warmup=0,
+                        full_split=False)
+    json.dumps(run)
+    assert run["parameters"] == 10_646_784  # nanoGPT: "number of parameters: 10.65M"
+    assert run["config"]["n_layer"] == 6 and run["config"]["block_size"] == 256 and run["config"]["dropout"] == 0.2
+    assert list(run["val_loss_every_250"]) == [0, 3]
+    assert run["tokens_per_s"] == pytest.approx(2 * 256 / (run["ms_per_iter"]["median"] / 1000))
+    assert run["time_vs_bare_loop"] > 0 and run["at_most_1_47"] is False
