@@ -313,7 +313,9 @@ class FusionRun:
     encoders. At the end: ``test_f1`` (V, S) and ``outlier_share`` (V, S), the share of the reconstruction
     gradient (L1 mass over validation pixels) from pixels more than 3 standard deviations from their mean.
     Optional: ``cosines`` (V, S, E, 3) between task gradients on the encoders (pairs cls-con, cls-enc,
-    con-enc), ``pcgrad_changed`` (V, S, T) whether PCGrad changed the update. ``seconds_per_step``: wall
+    con-enc) and ``task_grad_norms`` (V, S, E, 3), the norm on the encoders of each weighted term
+    ``w_k * grad L_k`` of the update (classification, contrastive, encoder; see :meth:`gradient_shares`),
+    both recorded with ``track_conflict``; ``pcgrad_changed`` (V, S, T) whether PCGrad changed the update. ``seconds_per_step``: wall
     time of one update of all problems."""
 
     variants: list
@@ -330,6 +332,7 @@ class FusionRun:
     seconds_per_step: float
     cosines: torch.Tensor | None = None
     pcgrad_changed: torch.Tensor | None = None
+    task_grad_norms: torch.Tensor | None = None
 
     def index(self, name: str) -> int:
         names = [v.name for v in self.variants]
@@ -356,6 +359,16 @@ class FusionRun:
         stop = curve.shape[-1] - half
         dev = curve[..., start:stop] - trend[..., start - half:stop - half]
         return dev.pow(2).mean(-1).sqrt()
+
+    def gradient_shares(self) -> torch.Tensor:
+        """(V, S, E, 3) each task's share of the gradient on the shared encoders at every tracked
+        evaluation: ``|w_k grad L_k| / sum_j |w_j grad L_j|`` (norms over all encoder weights), in the order
+        of :data:`TASKS`. A term dominates when its share exceeds one half; the shares sum to 1. Needs a
+        run with ``track_conflict``."""
+        if self.task_grad_norms is None:
+            raise ValueError("no task gradient norms recorded: train with track_conflict=True")
+        norms = self.task_grad_norms.double()
+        return norms / norms.sum(-1, keepdim=True)
 
     def grad_variation(self, start_fraction: float = 0.2) -> torch.Tensor:
         """(V, S) coefficient of variation (std / mean) of the encoders' gradient norm over the updates
@@ -434,7 +447,7 @@ def _concat_seeds(runs, seeds) -> FusionRun:
     names = ("f1", "val_ce", "saturated", "losses", "weights", "encoder_grad", "test_f1", "outlier_share")
     return FusionRun(runs[0].variants, list(seeds), runs[0].eval_steps, *(cat(n) for n in names),
                      seconds_per_step=sum(r.seconds_per_step for r in runs), cosines=cat("cosines"),
-                     pcgrad_changed=cat("pcgrad_changed"))
+                     pcgrad_changed=cat("pcgrad_changed"), task_grad_norms=cat("task_grad_norms"))
 
 
 @dataclass
@@ -447,6 +460,7 @@ class _Log:
     val_ce: list = field(default_factory=list)
     saturated: list = field(default_factory=list)
     cosines: list = field(default_factory=list)
+    task_grad_norms: list = field(default_factory=list)
     pcgrad_changed: list = field(default_factory=list)
 
 
@@ -540,6 +554,8 @@ def _train(variants, data: DigitHalves, setup: FusionSetup, lr, track_conflict, 
                 W[p] = WEIGHT_TOTAL * w / w.sum()
                 if isinstance(scheme, mt._HistoryWeights):
                     scheme.update(Lp.detach())
+        if track_conflict and grads is not None:  # each weighted term's gradient norm on the encoders
+            log.task_grad_norms.append((W.detach() * torch.stack([g.norm(dim=1) for g in grads], 1)).cpu())
         if "DWA" in methods:
             state["epoch"].append(L.detach())
             if len(state["epoch"]) == epoch_steps:
@@ -599,7 +615,8 @@ def _train(variants, data: DigitHalves, setup: FusionSetup, lr, track_conflict, 
                      shape(log.saturated), shape(log.losses), shape(log.weights), shape(log.encoder_grad),
                      test_f1.cpu().view(V, S), share.cpu().view(V, S), result.seconds / max(result.steps_done, 1),
                      shape(log.cosines) if log.cosines else None,
-                     shape(log.pcgrad_changed) if log.pcgrad_changed else None)
+                     shape(log.pcgrad_changed) if log.pcgrad_changed else None,
+                     shape(log.task_grad_norms) if log.task_grad_norms else None)
 
 
 # --- judging the note's predictions --------------------------------------------------------------------

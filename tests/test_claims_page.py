@@ -140,7 +140,7 @@ def test_most_claims_of_the_notes_have_a_measured_verdict():
     notes = [c for c in CLAIMS if c["notes"] != ["other"]]
     measured = [c for c in notes if "verdict" in c]
     assert len(notes) >= 80
-    assert len(measured) >= 0.85 * len(notes), f"{len(measured)} of {len(notes)}"  # 89% with chapter 9 in the book
+    assert len(measured) >= 0.90 * len(notes), f"{len(measured)} of {len(notes)}"  # 91% once chapters 2 and 7 time convergence and gradient shares
     assert {n for c in notes for n in c["notes"]} == {"000", "001", "002", "003", "004"}
 
 

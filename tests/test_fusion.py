@@ -147,3 +147,20 @@ def test_judge_prediction_and_claim_verdict():
     assert claim_verdict(["unresolved"]) == "not testable here"
     with pytest.raises(ValueError, match="outcomes"):
         claim_verdict(["maybe"])
+
+
+def test_gradient_shares_follow_the_weights(data):
+    """At the first evaluation two variants that differ only in the encoder weight share weights and batch:
+    the encoder term's gradient norm scales with its weight, the others' are equal; shares sum to 1."""
+    run = train_fusion([Variant("0.05"), Variant("0.03", encoder_weight=0.03), Variant("none", encoder_weight=0.0)],
+                       data, TINY, track_conflict=True)
+    norms, shares = run.task_grad_norms.double(), run.gradient_shares()
+    assert norms.shape == shares.shape == (3, 2, 4, 3)
+    torch.testing.assert_close(shares.sum(-1), torch.ones(3, 2, 4, dtype=torch.float64))
+    torch.testing.assert_close(norms[1, :, 0, 2], 0.6 * norms[0, :, 0, 2], rtol=1e-4, atol=0)
+    torch.testing.assert_close(norms[1, :, 0, :2], norms[0, :, 0, :2], rtol=1e-4, atol=0)
+    assert bool((shares[2, ..., 2] == 0).all()) and bool((shares[0, ..., 2] > 0).all())
+    plain = train_fusion([Variant("0.05")], data, TINY)
+    assert plain.task_grad_norms is None
+    with pytest.raises(ValueError, match="track_conflict"):
+        plain.gradient_shares()
